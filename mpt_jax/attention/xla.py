@@ -1,0 +1,86 @@
+"""Attention in plain jnp: the reference path and the CPU/TPU default.
+
+Scores, ALiBi bias, masks and softmax are float32 whatever the input dtype; grouped kv heads are
+broadcast by reshaping the queries (no repeated k/v in memory).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+# A large finite negative: exp() underflows to exactly 0, and a fully masked row stays finite.
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def attention_bias(
+    q_len: int,
+    kv_len: int,
+    *,
+    causal: bool,
+    alibi_slopes: jax.Array | None,
+    q_segment_ids: jax.Array | None,
+    kv_segment_ids: jax.Array | None,
+) -> jax.Array:
+    """Additive float32 bias of shape [batch or 1, heads or 1, q_len, kv_len].
+
+    Queries are aligned to the end of the keys (query i sits at key position i + kv_len - q_len),
+    as in MPT with a KV cache. ALiBi is ``-slope * |i - j|`` (for causal attention this equals
+    MPT's ``slope * (j - i)``; row constants do not change the softmax).
+    """
+    q_pos = jnp.arange(q_len, dtype=jnp.int32)[:, None] + (kv_len - q_len)
+    kv_pos = jnp.arange(kv_len, dtype=jnp.int32)[None, :]
+    bias = jnp.zeros((1, 1, q_len, kv_len), jnp.float32)
+    if alibi_slopes is not None:
+        distance = jnp.abs(q_pos - kv_pos).astype(jnp.float32)
+        bias = bias - alibi_slopes.astype(jnp.float32)[None, :, None, None] * distance[None, None]
+    allowed = jnp.ones((1, 1, q_len, kv_len), bool)
+    if causal:
+        allowed = allowed & (kv_pos <= q_pos)[None, None]
+    if q_segment_ids is not None:
+        same = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
+        allowed = allowed & same[:, None]
+    return jnp.where(allowed, bias, MASK_VALUE)
+
+
+def attend_xla(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool,
+    alibi_slopes: jax.Array | None,
+    q_segment_ids: jax.Array | None,
+    kv_segment_ids: jax.Array | None,
+    softmax_scale: float,
+    dropout_rate: float = 0.0,
+    dropout_rng: jax.Array | None = None,
+) -> jax.Array:
+    """q [B, S, H, D], k and v [B, T, Hkv, D] -> [B, S, H, D] in q's dtype."""
+    batch, q_len, n_heads, head_dim = q.shape
+    kv_len, n_kv = k.shape[1], k.shape[2]
+    group = n_heads // n_kv
+    # Head h uses kv head h // group: split the query heads as (kv head, member of group).
+    qg = q.reshape(batch, q_len, n_kv, group, head_dim)
+    scores = jnp.einsum("bskgd,btkd->bkgst", qg, k, preferred_element_type=jnp.float32)
+    scores = scores * softmax_scale
+    bias = attention_bias(
+        q_len,
+        kv_len,
+        causal=causal,
+        alibi_slopes=alibi_slopes,
+        q_segment_ids=q_segment_ids,
+        kv_segment_ids=kv_segment_ids,
+    )
+    if bias.shape[1] == 1:
+        bias = bias[:, :, None]  # [B|1, 1, 1, S, T]
+    else:  # per-head ALiBi: [B|1, H, S, T] -> [B|1, Hkv, G, S, T]
+        bias = bias.reshape(bias.shape[0], n_kv, group, q_len, kv_len)
+    probs = jax.nn.softmax(scores + bias, axis=-1)
+    if dropout_rate > 0.0:
+        if dropout_rng is None:
+            raise ValueError("attend: dropout_rate > 0 needs a dropout_rng")
+        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
+        probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
+    out = jnp.einsum("bkgst,btkd->bskgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.reshape(batch, q_len, n_heads, head_dim).astype(q.dtype)

@@ -1,0 +1,37 @@
+"""mpt-jax: MosaicML's MPT models in JAX/Flax: model, training, conversion, serving."""
+
+from setuptools import find_packages, setup
+
+HF = ["torch", "transformers>=4.40"]
+
+setup(
+    name="mpt-jax",
+    version="0.1.0",
+    description="MPT (MosaicML Pretrained Transformer) in JAX/Flax: train, finetune, convert, serve",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["mpt_jax", "mpt_jax.*"]),
+    install_requires=[
+        "jax>=0.10",
+        "flax",
+        "optax",
+        "orbax-checkpoint",
+        "grain",
+        "tensorflow-datasets",
+        "ml-collections",
+        "tokenizers",
+        "safetensors",
+        "huggingface_hub",
+        "ml_dtypes",
+        "numpy",
+        "absl-py",
+        "tqdm",
+    ],
+    extras_require={
+        "hf": HF,
+        "test": HF + ["pytest", "ruff"],
+        "gpu": ["jax[cuda12]"],
+        "tpu": ["jax[tpu]"],
+    },
+)
