@@ -262,7 +262,9 @@ class MPTConfig:
         if attn.get("rope"):
             raise ValueError(f"{where}: attn_config.rope=True is not supported (MPT uses ALiBi)")
         if ffn.get("ffn_type", "mptmlp") not in FFN_TYPES:
-            raise ValueError(f"{where}: ffn_config.ffn_type={ffn.get('ffn_type')!r} is not supported; expected one of {FFN_TYPES}")
+            raise ValueError(
+                f"{where}: ffn_config.ffn_type={ffn.get('ffn_type')!r} is not supported; expected one of {FFN_TYPES}"
+            )
         act = ffn.get("ffn_act_fn") or {"name": "gelu", "approximate": "none"}
         act_name = act.get("name", "gelu")
         if act_name == "gelu" and act.get("approximate", "none") == "tanh":
@@ -310,7 +312,9 @@ class MPTConfig:
         if fields["attn_type"] == "grouped_query_attention" and fields["kv_n_heads"] is None:
             raise ValueError(f"{where}: attn_config.attn_type='grouped_query_attention' needs attn_config.kv_n_heads")
         if fields["norm_type"] not in NORM_TYPES:
-            raise ValueError(f"{where}: norm_type={fields['norm_type']!r} is not supported; expected one of {NORM_TYPES}")
+            raise ValueError(
+                f"{where}: norm_type={fields['norm_type']!r} is not supported; expected one of {NORM_TYPES}"
+            )
         try:
             return cls(**fields).validate()
         except ValueError as e:
@@ -325,7 +329,7 @@ class MPTConfig:
         """
         attn_config: dict[str, Any] = dict(
             attn_type=self.attn_type,
-            attn_pdrop=self.attn_pdrop,
+            attn_pdrop=_int_if_integral(self.attn_pdrop),  # transformers 5 types it as int
             attn_impl="torch",
             clip_qkv=self.clip_qkv,
             softmax_scale=self.softmax_scale,
@@ -349,7 +353,7 @@ class MPTConfig:
             d_model=self.d_model,
             n_heads=self.n_heads,
             n_layers=self.n_layers,
-            expansion_ratio=self.expansion_ratio,
+            expansion_ratio=_int_if_integral(self.expansion_ratio),  # transformers 5 types it as int
             max_seq_len=self.max_seq_len,
             vocab_size=self.vocab_size,
             attn_config=attn_config,
@@ -397,3 +401,7 @@ class MPTConfig:
             if getattr(self, field) != getattr(default, field):
                 out.append(f"{field}={getattr(self, field)!r}")
         return out
+
+
+def _int_if_integral(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else x

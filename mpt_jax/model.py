@@ -34,7 +34,9 @@ REMAT_POLICIES = {
 
 
 def _param(module: nn.Module, name: str, init, shape: Sequence[int], axes: Sequence[str]) -> jax.Array:
-    return module.param(name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), jnp.dtype(module.cfg.param_dtype))
+    return module.param(
+        name, nn.with_logical_partitioning(init, tuple(axes)), tuple(shape), jnp.dtype(module.cfg.param_dtype)
+    )
 
 
 def _activation(name: str):
@@ -105,7 +107,9 @@ class Embedding(nn.Module):
 
     def attend(self, h: jax.Array) -> jax.Array:
         dtype = jnp.dtype(self.cfg.dtype)
-        return jnp.einsum("btd,vd->btv", h.astype(dtype), self.embedding.astype(dtype), preferred_element_type=jnp.float32)
+        return jnp.einsum(
+            "btd,vd->btv", h.astype(dtype), self.embedding.astype(dtype), preferred_element_type=jnp.float32
+        )
 
 
 class Attention(nn.Module):
@@ -217,7 +221,9 @@ class MPT(nn.Module):
         x = wte(tokens)
         if cfg.uses_learned_pos_emb:
             if length > cfg.max_seq_len:
-                raise ValueError(f"MPT: length {length} exceeds max_seq_len={cfg.max_seq_len} of the learned position embedding")
+                raise ValueError(
+                    f"MPT: length {length} exceeds max_seq_len={cfg.max_seq_len} of the learned position embedding"
+                )
             if positions is None:
                 positions = jnp.broadcast_to(jnp.arange(length), tokens.shape)
             x = x + Embedding(cfg, cfg.max_seq_len, ("length", "embed"), name="wpe")(positions)

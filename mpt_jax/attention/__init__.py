@@ -49,7 +49,9 @@ def attend(
       [batch, q_len, heads, head_dim] in q's dtype.
     """
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
-        raise ValueError(f"attend: q, k, v must be 4-D [batch, len, heads, head_dim]; got {q.shape}, {k.shape}, {v.shape}")
+        raise ValueError(
+            f"attend: q, k, v must be 4-D [batch, len, heads, head_dim]; got {q.shape}, {k.shape}, {v.shape}"
+        )
     if k.shape != v.shape:
         raise ValueError(f"attend: k {k.shape} and v {v.shape} must have the same shape")
     if q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:

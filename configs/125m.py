@@ -1,0 +1,26 @@
+"""MPT-125M: the shape of llm-foundry's mpt-125m.yaml.
+
+The architecture is that of the released MPT models (ALiBi, no biases, weight-only LayerNorm,
+exact-GELU MLP x4, tied embeddings, vocabulary 50432 for the gpt-neox-20b tokenizer); the public
+llm-foundry yamls use learned position embeddings, biases and vocabulary 50368 instead.
+
+Parameters: see `python -m mpt_jax.summary --config=configs/125m.py`.
+"""
+
+import ml_collections
+
+from mpt_jax.config import MPTConfig
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.model = MPTConfig(
+        d_model=768,
+        n_heads=12,
+        n_layers=12,
+        max_seq_len=2048,
+        vocab_size=50432,
+        dtype="bfloat16",
+        remat_policy="none",
+    ).to_config_dict()
+    return config

@@ -1,0 +1,42 @@
+"""Writing outputs safely: never half-written, never overwritten unless asked."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+
+
+@contextlib.contextmanager
+def atomic_output_dir(path: str, *, overwrite: bool = False) -> Iterator[str]:
+    """Yields a temporary folder beside ``path``; on success it becomes ``path`` by rename.
+
+    An existing ``path`` is an error unless ``overwrite``, in which case it is replaced only after
+    the new folder is complete. On any error the temporary folder is removed and ``path`` is left
+    as it was.
+    """
+    path = os.path.abspath(os.fspath(path))
+    if os.path.exists(path) and not overwrite:
+        raise FileExistsError(f"{path} exists; pass overwrite=True (--overwrite) to replace it")
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    tag = uuid.uuid4().hex[:8]
+    tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{tag}")
+    os.makedirs(tmp)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if os.path.exists(path):
+        old = os.path.join(parent, f".{os.path.basename(path)}.old-{tag}")
+        os.rename(path, old)
+    os.rename(tmp, path)
+    if old is not None:
+        if os.path.isdir(old):
+            shutil.rmtree(old)
+        else:
+            os.remove(old)
