@@ -1,0 +1,87 @@
+"""Every config file loads, validates, and the released sizes have the released parameter counts."""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mpt_jax.config import MPTConfig
+from mpt_jax.model import count_params
+from mpt_jax.summary import model_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
+SIZES = ["tiny", "125m", "350m", "760m", "1b", "3b", "7b", "13b", "30b", "70b"]
+
+
+def load(name: str):
+    """Imports configs/<name>.py the way --config=<path> does (by path, not as a package)."""
+    spec = importlib.util.spec_from_file_location(f"config_{name}", os.path.join(ROOT, "configs", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_size_has_a_config():
+    names = {os.path.basename(p)[:-3] for p in CONFIGS}
+    assert set(SIZES) <= names
+
+
+@pytest.mark.parametrize("name", SIZES)
+def test_config_validates(name):
+    cfg = model_config(load(name).get_config())
+    assert isinstance(cfg, MPTConfig)
+    assert cfg.alibi and cfg.no_bias and cfg.tie_word_embeddings
+
+
+@pytest.mark.parametrize(
+    "name, count, shape",
+    [
+        ("7b", 6_649_286_656, (4096, 32, 32, 2048, 50432)),
+        ("30b", 29_957_200_896, (7168, 64, 48, 8192, 50432)),
+    ],
+)
+def test_released_models(name, count, shape):
+    """configs/7b.py and 30b.py are the released models, counted from jax.eval_shape (no allocation)."""
+    cfg = model_config(load(name).get_config())
+    assert (cfg.d_model, cfg.n_heads, cfg.n_layers, cfg.max_seq_len, cfg.vocab_size) == shape
+    assert count_params(cfg) == count
+
+
+def test_sizes_are_increasing():
+    counts = [count_params(model_config(load(n).get_config())) for n in SIZES]
+    assert counts == sorted(counts)
+    assert 100e6 < counts[1] < 150e6 and 60e9 < counts[-1] < 70e9
+
+
+def test_summary_cli_with_override():
+    """The README's smoke command; a --config.model override reaches the model."""
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mpt_jax.summary",
+            "--config=configs/tiny.py",
+            "--config.model.n_layers=2",
+            "--length=32",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "(2, 256, 3, 4, 64)" in out.stdout  # Wqkv of 2 layers
+    assert "tokens/s" in out.stdout
+
+
+def test_unknown_model_field_is_an_error():
+    config = load("tiny").get_config()
+    config.model.n_hedas = 3
+    with pytest.raises(ValueError, match=r"config\.model: unknown MPTConfig field\(s\) \['n_hedas'\]"):
+        model_config(config)
