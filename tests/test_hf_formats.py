@@ -159,7 +159,7 @@ def test_sharded_output_loads_in_transformers(tmp_path):
 # Bad input.
 
 
-def _hf_folder(tmp_path, **changes) -> str:
+def _hf_folder(tmp_path) -> str:
     folder = tmp_path / "src"
     random_hf_model(seed=3, **SMALL).save_pretrained(folder)
     return str(folder)
@@ -263,3 +263,32 @@ def test_cli_round_trip_refuses_overwrite_and_leaves_nothing_half_written(tmp_pa
     assert convert_cli.main(["hf_to_jax", src, str(tmp_path / "broken")]) == 1
     assert "transformer.norm_f.weight" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == ["hf", "jax", "src"]
+
+
+def test_hub_id_downloads_one_weight_format(tmp_path, monkeypatch):
+    """A hub id is fetched with snapshot_download, asking only for the safetensors when the repo has
+    them (the released mosaicml repos hold .bin files only, and then those are fetched)."""
+    import huggingface_hub
+
+    folder = _hf_folder(tmp_path)
+    calls = []
+
+    def fake_snapshot(repo_id, allow_patterns):
+        calls.append((repo_id, allow_patterns))
+        return folder
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo: ["config.json", "model.safetensors"])
+    cfg, _ = load_hf("someone/mpt-tiny")
+    assert cfg.d_model == SMALL["d_model"]
+    assert calls[-1][0] == "someone/mpt-tiny" and "*.safetensors" in calls[-1][1] and "*.bin" not in calls[-1][1]
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo: ["config.json", "pytorch_model.bin"])
+    load_hf("mosaicml/mpt-tiny")
+    assert "*.bin" in calls[-1][1] and "*.safetensors" not in calls[-1][1]
+
+    def offline(repo):
+        raise OSError("network unreachable")
+
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", offline)
+    with pytest.raises(FileNotFoundError, match="mosaicml/mpt-7b: not a local folder, and the hub could not list it"):
+        load_hf("mosaicml/mpt-7b")
