@@ -56,7 +56,9 @@ class MPTConfig:
     clip_qkv: float | None = None
     qk_ln: bool = False
     softmax_scale: float | None = None  # default 1/sqrt(d_model / n_heads)
-    attn_uses_sequence_id: bool = False  # documents packed with segment ids attend only to themselves
+    # llm-foundry's switch for packed documents attending only to themselves: the train step passes
+    # the batch's segment ids to the model only when it is on (the model applies any it is given).
+    attn_uses_sequence_id: bool = False
 
     # Output, biases, norms, embedding.
     logit_scale: float | str | None = None  # a number or "inv_sqrt_d_model"

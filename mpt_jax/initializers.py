@@ -32,10 +32,13 @@ def _gain(nonlinearity: str, a: float) -> float:
     return 1.0  # linear, sigmoid
 
 
-def _fans(shape: Sequence[int], in_axes: Sequence[int]) -> tuple[int, int]:
+def _fans(shape: Sequence[int], in_axes: Sequence[int], slice_axes: Sequence[int] | None) -> tuple[int, int]:
     in_axes = [a % len(shape) for a in in_axes]
     fan_in = math.prod(shape[a] for a in in_axes)
-    fan_out = math.prod(s for i, s in enumerate(shape) if i not in in_axes)
+    if slice_axes is None:
+        fan_out = math.prod(s for i, s in enumerate(shape) if i not in in_axes)
+    else:  # a fused weight is initialised one slice at a time: only the slice's outputs count
+        fan_out = math.prod(shape[a % len(shape)] for a in slice_axes)
     return fan_in, fan_out
 
 
@@ -53,11 +56,22 @@ def _uniform(bound: float) -> Initializer:
     return init
 
 
-def weight_init(cfg: MPTConfig, in_axes: Sequence[int], *, residual: bool = False) -> Initializer:
-    """The initializer for a linear kernel whose input axes are ``in_axes``."""
+def weight_init(
+    cfg: MPTConfig,
+    in_axes: Sequence[int],
+    *,
+    residual: bool = False,
+    slice_axes: Sequence[int] | None = None,
+) -> Initializer:
+    """The initializer for a linear kernel whose input axes are ``in_axes``.
+
+    ``slice_axes`` marks a fused kernel (Wqkv) by the output axes of one of its slices: llm-foundry
+    initialises fused weights slice by slice (one head_dim slice per head), which matters to
+    fan_out-based rules (xavier, fan_mode="fan_out").
+    """
 
     def init(key, shape, dtype=jnp.float32):
-        fan_in, fan_out = _fans(shape, in_axes)
+        fan_in, fan_out = _fans(shape, in_axes, slice_axes)
         name = cfg.init_name
         if name in ("kaiming_normal_", "kaiming_uniform_"):
             fan = fan_in if cfg.init_fan_mode == "fan_in" else fan_out

@@ -57,12 +57,14 @@ class Linear(nn.Module):
     axes: tuple[str, ...]  # logical names of the kernel axes, inputs then outputs
     n_in: int = 1
     residual: bool = False  # residual projections get llm-foundry's scaled-down init
+    fused: bool = False  # the last output axis is one slice of a fused weight (per-head Wqkv init)
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.cfg
         shape = x.shape[x.ndim - self.n_in :] + tuple(self.features)
-        init = weight_init(cfg, in_axes=tuple(range(self.n_in)), residual=self.residual)
+        slices = (-1,) if self.fused else None
+        init = weight_init(cfg, in_axes=tuple(range(self.n_in)), residual=self.residual, slice_axes=slices)
         kernel = _param(self, "kernel", init, shape, self.axes)
         dtype = jnp.dtype(cfg.dtype)
         y = jnp.tensordot(x.astype(dtype), kernel.astype(dtype), axes=self.n_in)
@@ -131,11 +133,13 @@ class Attention(nn.Module):
             return t if cfg.clip_qkv is None else jnp.clip(t, -cfg.clip_qkv, cfg.clip_qkv)
 
         if cfg.attn_type == "multihead_attention":
-            qkv = clip(Linear(cfg, (3, n_heads, head_dim), ("embed", "qkv", "heads", "head_dim"), name="Wqkv")(x))
+            qkv_axes = ("embed", "qkv", "heads", "head_dim")
+            qkv = clip(Linear(cfg, (3, n_heads, head_dim), qkv_axes, fused=True, name="Wqkv")(x))
             q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         else:
-            q = clip(Linear(cfg, (n_heads, head_dim), ("embed", "heads", "head_dim"), name="Wq")(x))
-            kv = clip(Linear(cfg, (2, n_kv, head_dim), ("embed", "qkv", "kv_heads", "head_dim"), name="Wkv")(x))
+            q = clip(Linear(cfg, (n_heads, head_dim), ("embed", "heads", "head_dim"), fused=True, name="Wq")(x))
+            kv_axes = ("embed", "qkv", "kv_heads", "head_dim")
+            kv = clip(Linear(cfg, (2, n_kv, head_dim), kv_axes, fused=True, name="Wkv")(x))
             k, v = kv[:, :, 0], kv[:, :, 1]
         if cfg.qk_ln:  # one LayerNorm over all heads' features, as llm-foundry's q_ln / k_ln
             q = LayerNorm(cfg, (n_heads, head_dim), ("heads", "head_dim"), name="q_ln")(q)
