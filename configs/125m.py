@@ -1,8 +1,6 @@
 """MPT-125M: the shape of llm-foundry's mpt-125m.yaml.
 
-The architecture is that of the released MPT models (ALiBi, no biases, weight-only LayerNorm,
-exact-GELU MLP x4, tied embeddings, vocabulary 50432 for the gpt-neox-20b tokenizer); the public
-llm-foundry yamls use learned position embeddings, biases and vocabulary 50368 instead.
+Released-MPT architecture at this shape (see docs/configs.md).
 
 Parameters: see `python -m mpt_jax.summary --config=configs/125m.py`.
 """

@@ -1,8 +1,6 @@
 """MPT-3B: the shape of llm-foundry's mpt-3b.yaml (20 heads, head_dim 128).
 
-The architecture is that of the released MPT models (ALiBi, no biases, weight-only LayerNorm,
-exact-GELU MLP x4, tied embeddings, vocabulary 50432 for the gpt-neox-20b tokenizer); the public
-llm-foundry yamls use learned position embeddings, biases and vocabulary 50368 instead.
+Released-MPT architecture at this shape (see docs/configs.md).
 
 Parameters: see `python -m mpt_jax.summary --config=configs/3b.py`.
 """

@@ -18,7 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from mpt_jax.config import MPTConfig
-from mpt_jax.files import atomic_output_dir
+from mpt_jax.files import atomic_output_dir, read_json
 
 FORMAT = "mpt-jax-model"
 VERSION = 1
@@ -39,13 +39,7 @@ def save_model(path: str | os.PathLike, cfg: MPTConfig, params: Any, *, overwrit
 def load_config(path: str | os.PathLike) -> MPTConfig:
     """The MPTConfig stored in a model checkpoint folder."""
     file = os.path.join(os.fspath(path), "config.json")
-    if not os.path.isfile(file):
-        raise FileNotFoundError(f"{path}: not an mpt-jax model checkpoint (no config.json)")
-    with open(file, encoding="utf-8") as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{file}: line {e.lineno}: not valid JSON ({e.msg})") from None
+    data = read_json(file, what="mpt-jax model checkpoint config")
     if data.get("format") != FORMAT:
         raise ValueError(f"{file}: format={data.get('format')!r}, expected {FORMAT!r} (an HF folder? use load_hf)")
     return MPTConfig.from_dict(data["model"], source=file)

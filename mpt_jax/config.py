@@ -10,10 +10,11 @@ config that transformers loads and that ``from_hf`` reads back unchanged.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from typing import Any
+
+from mpt_jax.files import read_json
 
 ATTN_TYPES = ("multihead_attention", "multiquery_attention", "grouped_query_attention")
 FFN_TYPES = ("mptmlp", "mptglu")
@@ -242,13 +243,7 @@ class MPTConfig:
             if os.path.isdir(path):
                 path = os.path.join(path, "config.json")
             where = path
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"no HF config.json at {path}")
-            with open(path, encoding="utf-8") as f:
-                try:
-                    source = json.load(f)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
+            source = read_json(path, what="HF config.json")
         hf = dict(source)
         if hf.get("model_type", "mpt") != "mpt":
             raise ValueError(f"{where}: model_type={hf.get('model_type')!r}, expected 'mpt'")

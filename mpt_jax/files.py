@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 
 @contextlib.contextmanager
@@ -40,3 +42,14 @@ def atomic_output_dir(path: str, *, overwrite: bool = False) -> Iterator[str]:
             shutil.rmtree(old)
         else:
             os.remove(old)
+
+
+def read_json(path: str, *, what: str = "JSON file") -> Any:
+    """Parses a JSON file; a missing file or bad JSON is an error naming the file (and line)."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no {what} at {path}")
+    with open(path, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None

@@ -28,7 +28,7 @@ import numpy as np
 from absl import logging
 
 from mpt_jax.config import MPTConfig
-from mpt_jax.files import atomic_output_dir
+from mpt_jax.files import atomic_output_dir, read_json
 from mpt_jax.model import param_shapes
 
 Params = dict[str, Any]
@@ -187,8 +187,7 @@ class CheckpointReader:
         for index in (SAFE_INDEX, BIN_INDEX):
             path = os.path.join(folder, index)
             if os.path.isfile(path):
-                with open(path, encoding="utf-8") as f:
-                    weight_map = json.load(f).get("weight_map")
+                weight_map = read_json(path, what="checkpoint index").get("weight_map")
                 if not isinstance(weight_map, dict):
                     raise ValueError(f"{path}: no 'weight_map' object")
                 files = sorted(set(weight_map.values()))
