@@ -1,16 +1,21 @@
-"""mpt-jax model checkpoints: an orbax params tree plus the model config as JSON.
+"""mpt-jax model checkpoints: the params as orbax arrays, plus the model config as JSON.
 
 Layout of a model checkpoint folder (written by ``convert hf_to_jax``, read by training's
 ``init_from`` and by generation):
 
-    DIR/config.json     {"format": "mpt-jax-model", "version": 1, "model": {MPTConfig fields}}
-    DIR/params/         orbax PyTree checkpoint of the params (stacked layers, see model.py)
+    DIR/config.json            {"format": "mpt-jax-model", "version": 1, "model": {MPTConfig fields}}
+    DIR/params/<a.b.c>/        one orbax PyTree checkpoint per param, e.g. params/blocks.attn.Wqkv.kernel
+
+One orbax item per param, written one after the other, because orbax copies what it writes: saving
+MPT-30B as a single tree would need twice its size in host memory, param by param it needs the
+model plus its largest param. Restoring can place each array straight onto its devices.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from typing import Any
 
 import jax
@@ -22,14 +27,33 @@ from mpt_jax.files import atomic_output_dir, read_json
 
 FORMAT = "mpt-jax-model"
 VERSION = 1
+PARAMS = "params"
 
 
-def save_model(path: str | os.PathLike, cfg: MPTConfig, params: Any, *, overwrite: bool = False) -> str:
-    """Writes ``params`` (numpy or jax arrays) and ``cfg`` to ``path``, atomically."""
+def _flatten(params: Any) -> list[tuple[tuple[str, ...], Any]]:
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    return [(tuple(str(getattr(k, "key", k)) for k in path), leaf) for path, leaf in flat]
+
+
+def save_model(
+    path: str | os.PathLike,
+    cfg: MPTConfig,
+    params: Any | Iterable[tuple[tuple[str, ...], Any]],
+    *,
+    overwrite: bool = False,
+) -> str:
+    """Writes ``params`` and ``cfg`` to ``path``, atomically (a temporary folder, then a rename).
+
+    ``params`` is a nested dict of numpy or jax arrays, or an iterable of (path tuple, array)
+    pairs, which is consumed one param at a time (what ``convert hf_to_jax`` streams).
+    """
     path = os.path.abspath(os.fspath(path))
+    leaves = _flatten(params) if isinstance(params, dict) else params
     with atomic_output_dir(path, overwrite=overwrite) as tmp:
         with ocp.PyTreeCheckpointer() as ckptr:
-            ckptr.save(os.path.join(tmp, "params"), params)
+            for leaf_path, value in leaves:
+                ckptr.save(os.path.join(tmp, PARAMS, ".".join(leaf_path)), {"value": value})
+                del value
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
             json.dump({"format": FORMAT, "version": VERSION, "model": cfg.to_dict()}, f, indent=2)
             f.write("\n")
@@ -52,20 +76,30 @@ def load_model(
     each array is restored directly onto its devices; otherwise params are numpy arrays."""
     path = os.path.abspath(os.fspath(path))
     cfg = load_config(path)
-    params_dir = os.path.join(path, "params")
+    params_dir = os.path.join(path, PARAMS)
+    if not os.path.isdir(params_dir):
+        raise FileNotFoundError(f"{path}: no {PARAMS}/ folder; not a complete mpt-jax model checkpoint")
+    sharding_of = dict(_flatten(shardings)) if shardings is not None else {}
+    params: dict[str, Any] = {}
     with ocp.PyTreeCheckpointer() as ckptr:
-        meta = ckptr.metadata(params_dir)
-        tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
-
-        def restore_arg(leaf, sharding=None):
-            want = np.dtype(dtype) if dtype else leaf.dtype
+        for name in sorted(os.listdir(params_dir)):
+            leaf_path = tuple(name.split("."))
+            meta = ckptr.metadata(os.path.join(params_dir, name))
+            tree = meta.item_metadata.tree if hasattr(meta, "item_metadata") else meta.tree
+            stored = tree["value"]
+            want = np.dtype(dtype) if dtype else stored.dtype
+            sharding = sharding_of.get(leaf_path)
             if sharding is None:
-                return ocp.RestoreArgs(restore_type=np.ndarray, dtype=want)
-            return ocp.ArrayRestoreArgs(sharding=sharding, dtype=want)
-
-        if shardings is None:
-            args = jax.tree.map(restore_arg, tree)
-        else:
-            args = jax.tree.map(restore_arg, tree, shardings)
-        params = ckptr.restore(params_dir, args=ocp.args.PyTreeRestore(restore_args=args))
+                arg = ocp.RestoreArgs(restore_type=np.ndarray, dtype=want)
+            else:
+                arg = ocp.ArrayRestoreArgs(sharding=sharding, dtype=want)
+            value = ckptr.restore(
+                os.path.join(params_dir, name), args=ocp.args.PyTreeRestore(restore_args={"value": arg})
+            )["value"]
+            node = params
+            for key in leaf_path[:-1]:
+                node = node.setdefault(key, {})
+            node[leaf_path[-1]] = value
+    if shardings is not None and set(sharding_of) != set(p for p, _ in _flatten(params)):
+        raise ValueError(f"{path}: the shardings tree does not match the checkpoint's params")
     return cfg, params

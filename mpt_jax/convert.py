@@ -40,11 +40,14 @@ def _tokenizer_files(folder: str) -> list[str]:
 
 def hf_to_jax(src: str, dst: str, *, dtype: str | None, overwrite: bool) -> None:
     from mpt_jax.checkpoint import save_model
-    from mpt_jax.hf import load_hf, resolve_hf_path
+    from mpt_jax.hf import iter_params, open_hf, resolve_hf_path
 
     folder = resolve_hf_path(src)
-    cfg, params = load_hf(folder, dtype=dtype)
-    save_model(dst, cfg, params, overwrite=overwrite)
+    cfg, reader = open_hf(folder)
+    try:  # streamed param by param: host memory holds one converted param at a time
+        save_model(dst, cfg, iter_params(cfg, reader, dtype), overwrite=overwrite)
+    finally:
+        reader.close()
     tokenizer = _tokenizer_files(folder)
     if tokenizer:
         os.makedirs(os.path.join(dst, TOKENIZER_DIR), exist_ok=True)

@@ -261,45 +261,69 @@ def resolve_hf_path(path_or_hub_id: str | os.PathLike) -> str:
     return snapshot_download(path, allow_patterns=patterns)
 
 
+def open_hf(path_or_hub_id: str | os.PathLike) -> tuple[MPTConfig, CheckpointReader]:
+    """The config and a checked reader of an HF MPT folder (or hub id).
+
+    Missing, unexpected and mis-shaped tensors are errors naming the key (and both shapes),
+    raised before any tensor is read.
+    """
+    folder = resolve_hf_path(path_or_hub_id)
+    cfg = MPTConfig.from_hf(folder)
+    reader = CheckpointReader(folder)
+    expected = hf_keys(cfg)
+    present = set(reader.keys())
+    if cfg.tie_word_embeddings and "lm_head.weight" in present:
+        present.discard("lm_head.weight")  # a tied copy of wte written by some exporters
+        logging.info("load_hf: ignoring lm_head.weight (tied to transformer.wte.weight)")
+    missing = sorted(set(expected) - present, key=_natural)
+    extra = sorted(present - set(expected), key=_natural)
+    if missing or extra:
+        raise ValueError(
+            f"{folder}: checkpoint does not match its config.json:"
+            + (f" missing tensor(s) {_abbrev(missing)};" if missing else "")
+            + (f" unexpected tensor(s) {_abbrev(extra)};" if extra else "")
+        )
+    for key, shape in expected.items():
+        got = reader.shape(key)
+        if got != shape:
+            raise ValueError(f"{folder}: tensor {key} has shape {got}, expected {shape} for config {_summary(cfg)}")
+    return cfg, reader
+
+
+def iter_params(
+    cfg: MPTConfig, reader: CheckpointReader, dtype: str | None = None
+) -> Iterator[tuple[Path, np.ndarray]]:
+    """Yields (param path, array) one finished param at a time.
+
+    A stacked per-layer param is allocated once and filled from the n_layers HF tensors, so at
+    most one param (two for a split GQA Wqkv) is in memory beyond what the caller keeps.
+    """
+    for m in tensor_maps(cfg):
+        stacked: list[np.ndarray | None] = [None] * len(m.jax_paths)
+        for i in range(cfg.n_layers) if m.per_layer else [None]:
+            pieces = m.to_jax(reader.get(m.hf_key.format(i=i)))
+            for n, piece in enumerate(pieces):
+                piece = piece.astype(dtype) if dtype else piece
+                if i is None:
+                    stacked[n] = np.ascontiguousarray(piece)
+                else:
+                    if stacked[n] is None:
+                        stacked[n] = np.empty((cfg.n_layers,) + piece.shape, piece.dtype)
+                    stacked[n][i] = piece
+        yield from zip(m.jax_paths, stacked, strict=True)
+
+
 def load_hf(path_or_hub_id: str | os.PathLike, *, dtype: str | None = None) -> tuple[MPTConfig, Params]:
     """Reads an HF MPT checkpoint into (cfg, params) with numpy leaves.
 
     ``dtype`` (e.g. "float32") casts every tensor; by default each keeps its stored dtype.
     Missing, unexpected and mis-shaped tensors are errors naming the key (and both shapes).
     """
-    folder = resolve_hf_path(path_or_hub_id)
-    cfg = MPTConfig.from_hf(folder)
-    reader = CheckpointReader(folder)
+    cfg, reader = open_hf(path_or_hub_id)
     try:
-        expected = hf_keys(cfg)
-        present = set(reader.keys())
-        if cfg.tie_word_embeddings and "lm_head.weight" in present:
-            present.discard("lm_head.weight")  # a tied copy of wte written by some exporters
-            logging.info("load_hf: ignoring lm_head.weight (tied to transformer.wte.weight)")
-        missing = sorted(set(expected) - present, key=_natural)
-        extra = sorted(present - set(expected), key=_natural)
-        if missing or extra:
-            raise ValueError(
-                f"{folder}: checkpoint does not match its config.json:"
-                + (f" missing tensor(s) {_abbrev(missing)};" if missing else "")
-                + (f" unexpected tensor(s) {_abbrev(extra)};" if extra else "")
-            )
-        for key, shape in expected.items():
-            got = reader.shape(key)
-            if got != shape:
-                raise ValueError(f"{folder}: tensor {key} has shape {got}, expected {shape} for config {_summary(cfg)}")
         params: Params = {}
-        for m in tensor_maps(cfg):
-            for i in range(cfg.n_layers) if m.per_layer else [None]:
-                pieces = m.to_jax(reader.get(m.hf_key.format(i=i)))
-                for path, piece in zip(m.jax_paths, pieces, strict=True):
-                    piece = piece.astype(dtype) if dtype else piece
-                    if i is None:
-                        _set(params, path, np.ascontiguousarray(piece))
-                    else:
-                        if i == 0:
-                            _set(params, path, np.empty((cfg.n_layers,) + piece.shape, piece.dtype))
-                        _get(params, path)[i] = piece
+        for path, value in iter_params(cfg, reader, dtype):
+            _set(params, path, value)
         return cfg, params
     finally:
         reader.close()
