@@ -1,0 +1,1 @@
+"""The input pipeline: sources, tokenizers, example formats, packing and batching (grain)."""
