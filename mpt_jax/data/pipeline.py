@@ -1,0 +1,338 @@
+"""The grain input pipeline: sources -> format/tokenize -> pack -> batch, per process.
+
+    records (MapDataset, one per source) --shuffle(seed)--repeat--> mix(weights)
+      -> stream slice s::S            # S streams; a process owns S / process_count of them
+      -> format + tokenize            # one-to-one, so worker processes change nothing
+      -> [mp_prefetch workers] -> drop None -> pack (concat-then-split | first-fit)
+      -> batch(B / S rows) -> zip this process's streams -> local batch
+
+Streams make the global batch independent of the process count: row block s of every global
+batch comes from stream s, whichever process reads it, so 2 processes together produce exactly the
+batches of 1 (given the same ``num_streams``). Packing is stateful, so it runs after the workers
+(grain's advice): the worker count changes speed, never the batches. The iterator's state
+(``get_state``/``set_state``) resumes exactly, workers included.
+
+A batch is a dict of [rows, seq_len] arrays: ``tokens`` (int32), ``segment_ids`` (int32, 1.. per
+packed document, 0 = padding), ``positions`` (int32, within each document) and ``loss_mask``
+(int32; 1 where the token is a training target, see formats.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import grain
+import numpy as np
+from absl import logging
+
+from mpt_jax.data import formats, sources
+from mpt_jax.data.tokenizer import Tokenizer, load_tokenizer, train_bpe
+
+FEATURES = ("tokens", "segment_ids", "positions", "loss_mask")
+PACKINGS = ("concat", "first_fit")
+STDLIB_BPE = "stdlib-bpe"
+STDLIB_BPE_VOCAB = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceConfig:
+    """One entry of a data mixture."""
+
+    source: str  # a sources.make_source spec: "stdlib", "tfds:NAME", "files:GLOB", "tokenized:DIR"
+    weight: float = 1.0
+    format: str = "pretrain"  # "pretrain", "instruction", "chat", or "packed" for tokenized shards
+    text_field: str | None = "text"
+    template: str = "mpt-7b-instruct"
+    system_prompt: str | None = None
+    split: str | None = None  # overrides the pipeline's split (e.g. a different eval file)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """The `data` section of a run config, as plain data."""
+
+    mixture: tuple[SourceConfig, ...] = (SourceConfig("stdlib"),)
+    tokenizer: str = STDLIB_BPE
+    data_dir: str | None = None  # default: sources.default_data_dir()
+    packing: str = "concat"  # "concat" (pretraining) or "first_fit" (finetuning)
+    first_fit_bins: int = 16
+    overlong: str = "truncate"  # finetuning examples longer than seq_len: "truncate" or "drop"
+    skip_bad_records: bool = False
+    num_streams: int = 0  # 0: one per process
+    num_workers: int = 0  # tokenizing worker processes per stream
+    shuffle: bool = True
+    txt_mode: str = "file"
+
+    @classmethod
+    def from_config(cls, data: Any) -> DataConfig:
+        """From a ConfigDict/dict: either `mixture` (a list of SourceConfig dicts) or a single
+        `source` with its `format`, `weight`, `text_field`, `template`, `system_prompt`."""
+        data = dict(data.to_dict() if hasattr(data, "to_dict") else data)
+        source_keys = {f.name for f in dataclasses.fields(SourceConfig)}
+        own_keys = {f.name for f in dataclasses.fields(cls)}
+        single = {k: data.pop(k) for k in list(data) if k in source_keys}
+        unknown = sorted(set(data) - own_keys)
+        if unknown:
+            raise ValueError(f"config.data: unknown key(s) {unknown}; known: {sorted(own_keys | source_keys)}")
+        mixture = data.pop("mixture", None)
+        if mixture:
+            entries = []
+            for i, entry in enumerate(mixture):
+                bad = sorted(set(entry) - source_keys)
+                if bad:
+                    raise ValueError(f"config.data.mixture[{i}]: unknown key(s) {bad}; known: {sorted(source_keys)}")
+                entries.append(SourceConfig(**entry))
+            data["mixture"] = tuple(entries)
+        elif single.get("source"):
+            data["mixture"] = (SourceConfig(**single),)
+        cfg = cls(**data)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        if not self.mixture:
+            raise ValueError("config.data: the mixture is empty")
+        for i, s in enumerate(self.mixture):
+            if s.weight <= 0:
+                raise ValueError(f"config.data.mixture[{i}].weight={s.weight}: must be positive")
+            if s.format not in ("pretrain", "instruction", "chat", "packed"):
+                raise ValueError(
+                    f"config.data.mixture[{i}].format={s.format!r}: expected pretrain, instruction, chat or packed"
+                )
+            if (s.format == "packed") != s.source.startswith("tokenized:"):
+                raise ValueError(
+                    f"config.data.mixture[{i}]: format 'packed' goes with (and only with) tokenized: sources"
+                )
+        if self.packing not in PACKINGS:
+            raise ValueError(f"config.data.packing={self.packing!r}: expected one of {PACKINGS}")
+        if self.num_streams < 0 or self.num_workers < 0:
+            raise ValueError("config.data: num_streams and num_workers must be >= 0")
+
+
+def default_config():
+    """The `data` section as a ConfigDict (the embedded corpus, concat packing)."""
+    import ml_collections
+
+    c = ml_collections.ConfigDict()
+    c.source = "stdlib"
+    c.format = "pretrain"
+    c.tokenizer = STDLIB_BPE
+    c.data_dir = ml_collections.config_dict.placeholder(str)
+    c.packing = "concat"
+    c.overlong = "truncate"
+    c.skip_bad_records = False
+    c.num_streams = 0
+    c.num_workers = 0
+    return c
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizer.
+
+
+def get_tokenizer(cfg: DataConfig) -> Tokenizer:
+    """The configured tokenizer; ChatML tokens added when a chat source is in the mixture.
+
+    "stdlib-bpe" is a byte-level BPE trained once on the embedded corpus's train split and cached
+    in the data directory.
+    """
+    if cfg.tokenizer == STDLIB_BPE:
+        data_dir = cfg.data_dir or sources.default_data_dir()
+        path = os.path.join(data_dir, f"python_stdlib_bpe{STDLIB_BPE_VOCAB}.json")
+        if os.path.isfile(path):
+            tok = load_tokenizer(path)
+        else:
+            corpus = sources.make_source("stdlib", split="train", data_dir=data_dir)
+            logging.info("training a %d-token BPE on the embedded corpus (%d documents)", STDLIB_BPE_VOCAB, len(corpus))
+            tok = train_bpe((corpus[i]["text"] for i in range(len(corpus))), STDLIB_BPE_VOCAB, name=STDLIB_BPE)
+            os.makedirs(data_dir, exist_ok=True)
+            tok.save(path)
+    else:
+        tok = load_tokenizer(cfg.tokenizer)
+    if any(s.format == "chat" for s in cfg.mixture):
+        tok = tok.with_chatml()
+    return tok
+
+
+# ----------------------------------------------------------------------------------------------
+# The pipeline.
+
+
+def _records(
+    cfg: DataConfig, split: str, seed: int, shuffle: bool, repeat: bool
+) -> list[tuple[grain.MapDataset, SourceConfig]]:
+    out = []
+    for i, s in enumerate(cfg.mixture):
+        src = sources.make_source(
+            s.source,
+            split=s.split or split,
+            data_dir=cfg.data_dir,
+            text_field=s.text_field,
+            skip_bad_records=cfg.skip_bad_records,
+            txt_mode=cfg.txt_mode,
+        )
+        if len(src) == 0:
+            raise ValueError(f"config.data.mixture[{i}]: source {s.source!r} (split {s.split or split}) has no records")
+        ds = grain.MapDataset.source(src)
+        if shuffle:
+            ds = ds.shuffle(seed=seed + 1009 * i)  # a new permutation each epoch
+        if repeat:
+            ds = ds.repeat(None)
+        out.append((ds, s))
+    return out
+
+
+class _Format:
+    """Picklable per-source map: record -> (example or None, the FormatStats of this record).
+
+    Stats travel with each record because formatting may run in worker processes; the main
+    process adds them up (``_Collect``).
+    """
+
+    def __init__(self, source: SourceConfig, tok: Tokenizer, seq_len: int, overlong: str):
+        self.packed = source.format == "packed"
+        if not self.packed:
+            self.fn = formats.make_formatter(
+                source.format,
+                tok,
+                max_len=seq_len,
+                template=source.template or "mpt-7b-instruct",
+                overlong=overlong,
+                system_prompt=source.system_prompt,
+            )
+
+    def __call__(self, record: dict) -> tuple[dict | None, formats.FormatStats]:
+        if self.packed:
+            return {k: np.asarray(record[k], np.int32) for k in FEATURES}, formats.FormatStats(examples=1)
+        self.fn.stats = formats.FormatStats()
+        return self.fn(record), self.fn.stats
+
+
+class _Collect:
+    """Main-process filter: adds each record's stats to the pipeline's, keeps real examples."""
+
+    def __init__(self, stats: formats.FormatStats):
+        self.stats = stats
+
+    def __call__(self, item: tuple[dict | None, formats.FormatStats]) -> bool:
+        self.stats.update(item[1])
+        return item[0] is not None
+
+
+def _example(item: tuple[dict | None, formats.FormatStats]) -> dict:
+    return item[0]
+
+
+def _rename(packed: dict) -> dict:
+    """grain's packers name their outputs tokens_segment_ids etc.; keep one of each."""
+    return {
+        "tokens": packed["tokens"].astype(np.int32),
+        "segment_ids": packed["tokens_segment_ids"].astype(np.int32),
+        "positions": packed["tokens_positions"].astype(np.int32),
+        "loss_mask": (packed["loss_mask"] * (packed["tokens_segment_ids"] > 0)).astype(np.int32),
+    }
+
+
+def _concat_rows(rows: Sequence[dict]) -> dict:
+    return {k: np.concatenate([r[k] for r in rows], axis=0) for k in FEATURES}
+
+
+def packed_rows(
+    cfg: DataConfig,
+    tok: Tokenizer,
+    *,
+    split: str,
+    seq_len: int,
+    seed: int,
+    stream: int = 0,
+    num_streams: int = 1,
+    shuffle: bool | None = None,
+    repeat: bool = True,
+    stats: formats.FormatStats | None = None,
+) -> grain.IterDataset:
+    """One stream of packed [seq_len] rows (dicts of FEATURES); counts into ``stats``."""
+    shuffle = cfg.shuffle if shuffle is None else shuffle
+    parts = _records(cfg, split, seed, shuffle, repeat)
+    formatted = [ds.map(_Format(s, tok, seq_len, cfg.overlong)) for ds, s in parts]
+    if len(formatted) == 1:
+        mixed = formatted[0]
+    else:
+        mixed = grain.MapDataset.mix(formatted, weights=[s.weight for _, s in parts])
+    if num_streams > 1:
+        mixed = mixed[stream::num_streams]
+    it = mixed.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+    if cfg.num_workers:
+        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
+    it = it.filter(_Collect(stats if stats is not None else formats.FormatStats())).map(_example)
+    if all(s.format == "packed" for _, s in parts):
+        return it
+    lengths = {"tokens": seq_len, "loss_mask": seq_len}
+    if cfg.packing == "concat":
+        it = grain.experimental.ConcatThenSplitIterDataset(it, length_struct=lengths)
+    else:
+        it = grain.experimental.FirstFitPackIterDataset(
+            it, length_struct=lengths, num_packing_bins=cfg.first_fit_bins, seed=seed, shuffle_bins=False
+        )
+    return it.map(_rename)
+
+
+def stream_layout(global_batch: int, num_streams: int, process_index: int, process_count: int) -> tuple[range, int]:
+    """(streams of this process, rows each stream gives per batch), checked."""
+    num_streams = num_streams or process_count
+    if num_streams % process_count:
+        raise ValueError(
+            f"config.data.num_streams={num_streams} must be a multiple of the process count {process_count}"
+        )
+    if global_batch % num_streams:
+        raise ValueError(f"global batch size {global_batch} must be divisible by config.data.num_streams={num_streams}")
+    per_process = num_streams // process_count
+    return range(process_index * per_process, (process_index + 1) * per_process), global_batch // num_streams
+
+
+def make_dataset(
+    cfg: DataConfig,
+    tok: Tokenizer,
+    *,
+    split: str,
+    seq_len: int,
+    global_batch: int,
+    seed: int,
+    process_index: int = 0,
+    process_count: int = 1,
+    repeat: bool = True,
+    shuffle: bool | None = None,
+    stats: formats.FormatStats | None = None,
+) -> grain.IterDataset:
+    """This process's batches: dicts of [global_batch / process_count, seq_len] int32 arrays.
+
+    ``stats`` (if given) counts examples, truncations and drops as batches are drawn."""
+    streams, rows = stream_layout(global_batch, cfg.num_streams, process_index, process_count)
+    num_streams = cfg.num_streams or process_count
+    parts = [
+        packed_rows(
+            cfg,
+            tok,
+            split=split,
+            seq_len=seq_len,
+            seed=seed,
+            stream=s,
+            num_streams=num_streams,
+            shuffle=shuffle,
+            repeat=repeat,
+            stats=stats,
+        ).batch(rows, drop_remainder=True)
+        for s in streams
+    ]
+    if len(parts) == 1:
+        return parts[0]
+    return grain.experimental.ZipIterDataset(parents=parts).map(_concat_rows)
+
+
+def to_global_arrays(batch: dict, sharding) -> dict:
+    """Assembles per-process numpy batches into global jax Arrays laid out by ``sharding``."""
+    import jax
+
+    return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
