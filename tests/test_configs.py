@@ -85,3 +85,12 @@ def test_unknown_model_field_is_an_error():
     config.model.n_hedas = 3
     with pytest.raises(ValueError, match=r"config\.model: unknown MPTConfig field\(s\) \['n_hedas'\]"):
         model_config(config)
+
+
+def test_7b_expresses_mpt_pretraining_mix():
+    from mpt_jax.data.pipeline import DataConfig
+
+    data = DataConfig.from_config(load("7b").get_config().data)
+    assert len(data.mixture) == 10 and data.tokenizer == "EleutherAI/gpt-neox-20b"
+    assert abs(sum(s.weight for s in data.mixture) - 1.0) < 1e-9
+    assert all(s.format == "packed" and s.source.startswith("tokenized:") for s in data.mixture)

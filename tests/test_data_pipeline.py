@@ -189,7 +189,8 @@ def test_first_fit_instruction_and_chat_masks(tmp_path, tok):
         assert found == len(examples)
 
 
-def test_mixture_follows_weights(tmp_path, tok):
+def test_mixture_picks_whole_rows_by_weight(tmp_path, tok):
+    """As in MPT's pretraining mix, each row is packed from one source; rows follow the weights."""
     for name, word in (("a", "alpha"), ("b", "beta")):
         _write_jsonl(tmp_path / f"{name}.jsonl", [{"text": f"{word} {i}"} for i in range(50)])
     cfg = DataConfig(
@@ -199,10 +200,14 @@ def test_mixture_follows_weights(tmp_path, tok):
         ),
         data_dir=str(tmp_path),
     )
-    (batch,), _ = take(make_dataset(cfg, tok, split="train", seq_len=512, global_batch=4, seed=0), 1)
-    text = "".join(tok.decode(row) for row in batch["tokens"])
-    a, b = text.count("alpha"), text.count("beta")
-    assert 0.65 < a / (a + b) < 0.85, (a, b)
+    batches, _ = take(make_dataset(cfg, tok, split="train", seq_len=SEQ, global_batch=8, seed=0), 4)
+    kinds = []
+    for batch in batches:
+        for row in batch["tokens"]:
+            text = tok.decode(row)
+            assert ("alpha" in text) != ("beta" in text), text
+            kinds.append("alpha" in text)
+    assert sum(kinds) == 24 and len(kinds) == 32
 
 
 @pytest.mark.parametrize(
@@ -244,3 +249,60 @@ def test_prepare_writes_shards_that_train_the_same(stdlib_cfg, tok, tmp_path):
     with pytest.raises(FileExistsError, match="exists"):
         prepare(stdlib_cfg, split="validation", seq_len=SEQ, out=out, progress=False)
     assert sorted(os.listdir(tmp_path)) == ["tok"]
+
+
+@pytest.mark.parametrize("overlong", ["truncate", "drop"])
+def test_first_fit_pretraining_long_documents(tmp_path, tok, overlong):
+    """First-fit cannot wrap a document across rows: longer ones are truncated or dropped, and counted."""
+    _write_jsonl(tmp_path / "d.jsonl", [{"text": "word " * n} for n in (5, 400, 7)])
+    cfg = DataConfig(
+        mixture=(SourceConfig(f"files:{tmp_path / 'd.jsonl'}"),), packing="first_fit", overlong=overlong, shuffle=False
+    )
+    stats = formats.FormatStats()
+    rows = list(packed_rows(cfg, tok, split="train", seq_len=SEQ, seed=0, repeat=False, stats=stats))
+    segments = sum(int(r["segment_ids"].max()) for r in rows)
+    if overlong == "truncate":
+        assert (stats.examples, stats.truncated, segments) == (3, 1, 3)
+    else:
+        assert (stats.examples, stats.dropped_overlong, segments) == (2, 1, 2)
+
+
+def test_global_arrays_from_process_local_batches(stdlib_cfg, tok):
+    import jax
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from mpt_jax.data.pipeline import to_global_arrays
+
+    (batch,), _ = take(make_dataset(stdlib_cfg, tok, split="train", seq_len=SEQ, global_batch=2, seed=0), 1)
+    mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+    arrays = to_global_arrays(batch, NamedSharding(mesh, PartitionSpec("data")))
+    assert set(arrays) == set(FEATURES)
+    np.testing.assert_array_equal(np.asarray(arrays["tokens"]), batch["tokens"])
+
+
+def test_prepare_cli(stdlib_data_dir, tmp_path):
+    cmd = [
+        sys.executable,
+        "-m",
+        "mpt_jax.data.prepare",
+        "--source=stdlib",
+        "--split=validation",
+        "--seq_len=128",
+        f"--data_dir={stdlib_data_dir}",
+        f"--out={tmp_path / 'out'}",
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "documents ->" in done.stdout
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["seq_len"] == 128 and manifest["sequences"] > 0
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 1 and "exists" in again.stderr
+    bad = subprocess.run(
+        cmd[:3] + ["--source=files:/nonexistent/*.jsonl"] + cmd[4:6] + [f"--out={tmp_path / 'x'}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert bad.returncode == 1 and "/nonexistent/*.jsonl" in bad.stderr
+    assert sorted(os.listdir(tmp_path)) == ["out"]

@@ -192,8 +192,12 @@ class _Format:
     process adds them up (``_Collect``).
     """
 
-    def __init__(self, source: SourceConfig, tok: Tokenizer, seq_len: int, overlong: str):
+    def __init__(self, source: SourceConfig, tok: Tokenizer, seq_len: int, overlong: str, packing: str):
         self.packed = source.format == "packed"
+        # Pretraining documents may be longer than a row: concat packing wraps them across rows,
+        # first-fit packing cannot, so they are truncated or dropped like finetuning examples.
+        self.limit = seq_len if packing == "first_fit" and source.format == "pretrain" else None
+        self.overlong = overlong
         if not self.packed:
             self.fn = formats.make_formatter(
                 source.format,
@@ -207,8 +211,16 @@ class _Format:
     def __call__(self, record: dict) -> tuple[dict | None, formats.FormatStats]:
         if self.packed:
             return {k: np.asarray(record[k], np.int32) for k in FEATURES}, formats.FormatStats(examples=1)
-        self.fn.stats = formats.FormatStats()
-        return self.fn(record), self.fn.stats
+        stats = self.fn.stats = formats.FormatStats()
+        example = self.fn(record)
+        if example is not None and self.limit is not None and len(example["tokens"]) > self.limit:
+            if self.overlong == "drop":
+                stats.examples -= 1
+                stats.dropped_overlong += 1
+                return None, stats
+            stats.truncated += 1
+            example = {k: v[: self.limit] for k, v in example.items()}
+        return example, stats
 
 
 class _Collect:
@@ -253,30 +265,38 @@ def packed_rows(
     repeat: bool = True,
     stats: formats.FormatStats | None = None,
 ) -> grain.IterDataset:
-    """One stream of packed [seq_len] rows (dicts of FEATURES); counts into ``stats``."""
+    """One stream of packed [seq_len] rows (dicts of FEATURES); counts into ``stats``.
+
+    Each source is formatted and packed on its own and the mixture picks whole rows by weight, as
+    MPT's pretraining did ("each example was constructed from as many sequences from that dataset
+    as were necessary to fill the sequence length"): a row never mixes sources.
+    """
     shuffle = cfg.shuffle if shuffle is None else shuffle
-    parts = _records(cfg, split, seed, shuffle, repeat)
-    formatted = [ds.map(_Format(s, tok, seq_len, cfg.overlong)) for ds, s in parts]
-    if len(formatted) == 1:
-        mixed = formatted[0]
-    else:
-        mixed = grain.MapDataset.mix(formatted, weights=[s.weight for _, s in parts])
-    if num_streams > 1:
-        mixed = mixed[stream::num_streams]
-    it = mixed.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
-    if cfg.num_workers:
-        it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
-    it = it.filter(_Collect(stats if stats is not None else formats.FormatStats())).map(_example)
-    if all(s.format == "packed" for _, s in parts):
-        return it
+    stats = stats if stats is not None else formats.FormatStats()
+    rows = []
+    for ds, source in _records(cfg, split, seed, shuffle, repeat):
+        ds = ds.map(_Format(source, tok, seq_len, cfg.overlong, cfg.packing))
+        if num_streams > 1:
+            ds = ds[stream::num_streams]
+        it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+        if cfg.num_workers:
+            it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
+        it = it.filter(_Collect(stats)).map(_example)
+        rows.append(it if source.format == "packed" else _pack(it, cfg, seq_len, seed))
+    if len(rows) == 1:
+        return rows[0]
+    return grain.IterDataset.mix(rows, weights=[s.weight for s in cfg.mixture])
+
+
+def _pack(examples: grain.IterDataset, cfg: DataConfig, seq_len: int, seed: int) -> grain.IterDataset:
     lengths = {"tokens": seq_len, "loss_mask": seq_len}
     if cfg.packing == "concat":
-        it = grain.experimental.ConcatThenSplitIterDataset(it, length_struct=lengths)
+        packed = grain.experimental.ConcatThenSplitIterDataset(examples, length_struct=lengths)
     else:
-        it = grain.experimental.FirstFitPackIterDataset(
-            it, length_struct=lengths, num_packing_bins=cfg.first_fit_bins, seed=seed, shuffle_bins=False
+        packed = grain.experimental.FirstFitPackIterDataset(
+            examples, length_struct=lengths, num_packing_bins=cfg.first_fit_bins, seed=seed, shuffle_bins=False
         )
-    return it.map(_rename)
+    return packed.map(_rename)
 
 
 def stream_layout(global_batch: int, num_streams: int, process_index: int, process_count: int) -> tuple[range, int]:
