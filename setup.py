@@ -27,6 +27,7 @@ setup(
         "numpy",
         "absl-py",
         "tqdm",
+        "tensorboardX",
     ],
     extras_require={
         "hf": HF,

@@ -103,3 +103,84 @@ def load_model(
     if shardings is not None and set(sharding_of) != set(p for p, _ in _flatten(params)):
         raise ValueError(f"{path}: the shardings tree does not match the checkpoint's params")
     return cfg, params
+
+
+# ----------------------------------------------------------------------------------------------
+# Training checkpoints: train state + data iterator state + run config, every N steps.
+
+
+class TrainCheckpoints:
+    """Orbax checkpoints of a training run under ``directory`` (``<workdir>/checkpoints/<step>/``).
+
+    Each holds the train state (params, optimizer state, step, rng), the data iterator's state
+    and the run config as JSON. Saves are asynchronous; orbax writes each into a temporary folder
+    and renames it when complete, so a run killed mid-save leaves the previous checkpoints intact.
+    A checkpoint that fails to restore is moved aside (renamed ``<step>.unreadable-<n>``, never
+    deleted) with a warning, and the previous one is used.
+    """
+
+    def __init__(self, directory: str, *, keep: int | None = None, async_save: bool = True):
+        self.directory = os.path.abspath(directory)
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep, create=True, enable_async_checkpointing=async_save, save_decision_policy=None
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data", "config"))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state: Any, data_iterator: Any, config: dict) -> None:
+        import grain
+
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                data=grain.checkpoint.CheckpointSave(data_iterator),
+                config=ocp.args.JsonSave(config),
+            ),
+            force=True,
+        )
+
+    def restore_latest(self, abstract_state: Any, data_iterator: Any) -> tuple[int, Any] | None:
+        """(step, state) of the newest readable checkpoint, with ``data_iterator`` moved to its
+        position; None when there is none."""
+        import grain
+        from absl import logging
+
+        for step in sorted(self.manager.all_steps(), reverse=True):
+            try:
+                restored = self.manager.restore(
+                    step,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(abstract_state),
+                        data=grain.checkpoint.CheckpointRestore(data_iterator),
+                    ),
+                )
+                return step, restored["state"]
+            except Exception as e:  # noqa: BLE001 - any failure means this checkpoint is unusable
+                aside = self._move_aside(step)
+                logging.warning(
+                    "checkpoint at step %d could not be restored (%s: %s); moved to %s, trying the previous one",
+                    step,
+                    type(e).__name__,
+                    str(e)[:300],
+                    aside,
+                )
+        return None
+
+    def _move_aside(self, step: int) -> str:
+        src = os.path.join(self.directory, str(step))
+        n = 0
+        while os.path.exists(dst := os.path.join(self.directory, f"{step}.unreadable-{n}")):
+            n += 1
+        os.rename(src, dst)
+        self.manager.reload()
+        return dst
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()

@@ -1,0 +1,121 @@
+"""The sections of a run config, with their defaults, and the checks made once at start-up.
+
+A config file (``configs/<name>.py``) starts from ``base_config()`` and sets what differs:
+
+    config.model      MPTConfig fields (model.py)
+    config.data       the input pipeline (data/pipeline.py)
+    config.optimizer  name, lr, b1, b2, eps, weight_decay, grad_clip_norm (optim.py)
+    config.schedule   name, t_warmup, alpha_f
+    config.train      max_steps, global_batch_size, micro_batch_size, seq_len, seed, log_every,
+                      eval_every, eval_batches, peak_flops, progress
+    config.checkpoint every_steps, keep
+    config.mesh       data, fsdp, tensor (-1: all remaining devices)
+    config.init_from  an mpt-jax model checkpoint or HF folder to start from ("" = random init)
+    config.wandb      W&B project (None = off)
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from mpt_jax import optim
+from mpt_jax.config import MPTConfig
+from mpt_jax.data import pipeline
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.model = MPTConfig().to_config_dict()
+    c.data = pipeline.default_config()
+    c.optimizer = optim.optimizer_config()
+    c.schedule = optim.schedule_config()
+    c.train = ml_collections.ConfigDict(
+        dict(
+            max_steps=1000,
+            global_batch_size=8,
+            micro_batch_size=0,  # 0: no accumulation (micro = global batch per process)
+            seq_len=0,  # 0: model.max_seq_len
+            seed=17,
+            log_every=10,
+            eval_every=100,  # 0: no eval
+            eval_batches=4,
+            peak_flops=0.0,  # per-device peak FLOP/s for MFU; 0: look up the device kind
+            progress=True,
+        )
+    )
+    c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=3))
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.init_from = ""
+    c.wandb = ml_collections.ConfigDict(dict(project=ml_collections.config_dict.placeholder(str), name=""))
+    return c
+
+
+def model_config(config: ml_collections.ConfigDict) -> MPTConfig:
+    """The MPTConfig of a run config's ``model`` section (unknown fields are errors)."""
+    return MPTConfig.from_dict(config.model.to_dict(), source="config.model")
+
+
+def seq_len(config: ml_collections.ConfigDict) -> int:
+    return int(config.train.seq_len or config.model.max_seq_len)
+
+
+def mesh_shape(config: ml_collections.ConfigDict, n_devices: int) -> tuple[int, int, int]:
+    """(data, fsdp, tensor) with a -1 filled from the device count; errors name the numbers."""
+    sizes = [int(config.mesh.data), int(config.mesh.fsdp), int(config.mesh.tensor)]
+    if sizes.count(-1) > 1:
+        raise ValueError(f"config.mesh: at most one axis may be -1, got {sizes}")
+    known = 1
+    for s in sizes:
+        if s != -1:
+            if s < 1:
+                raise ValueError(f"config.mesh: axis sizes must be positive or -1, got {sizes}")
+            known *= s
+    if -1 in sizes:
+        if n_devices % known:
+            raise ValueError(f"config.mesh {sizes}: {n_devices} devices are not divisible by {known}")
+        sizes[sizes.index(-1)] = n_devices // known
+    if sizes[0] * sizes[1] * sizes[2] != n_devices:
+        raise ValueError(
+            f"config.mesh (data, fsdp, tensor) = {tuple(sizes)} multiplies to {sizes[0] * sizes[1] * sizes[2]}, not the {n_devices} devices"
+        )
+    return tuple(sizes)
+
+
+def check(config: ml_collections.ConfigDict, n_devices: int, process_count: int = 1) -> None:
+    """Checks made before anything compiles."""
+    cfg = model_config(config)
+    t = config.train
+    data, fsdp, tensor = mesh_shape(config, n_devices)
+    if t.max_steps < 1:
+        raise ValueError(f"config.train.max_steps={t.max_steps}: must be positive")
+    if t.global_batch_size % (data * fsdp):
+        raise ValueError(
+            f"config.train.global_batch_size={t.global_batch_size} is not divisible by the data x fsdp mesh axes ({data} x {fsdp})"
+        )
+    if t.global_batch_size % process_count:
+        raise ValueError(
+            f"config.train.global_batch_size={t.global_batch_size} is not divisible by the {process_count} processes"
+        )
+    micro = t.micro_batch_size or t.global_batch_size
+    if t.global_batch_size % micro:
+        raise ValueError(
+            f"config.train.micro_batch_size={micro} does not divide config.train.global_batch_size={t.global_batch_size}"
+        )
+    if (micro % (data * fsdp)) and micro != t.global_batch_size:
+        raise ValueError(
+            f"config.train.micro_batch_size={micro} is not divisible by the data x fsdp mesh axes ({data} x {fsdp})"
+        )
+    if cfg.n_heads % tensor:
+        raise ValueError(f"config.model.n_heads={cfg.n_heads} is not divisible by config.mesh.tensor={tensor}")
+    length = seq_len(config)
+    if length < 2:
+        raise ValueError(f"config.train.seq_len={length}: must be at least 2")
+    if cfg.uses_learned_pos_emb and length > cfg.max_seq_len:
+        raise ValueError(
+            f"config.train.seq_len={length} exceeds model.max_seq_len={cfg.max_seq_len} (learned positions)"
+        )
+    for key in ("log_every", "eval_every", "eval_batches"):
+        if t[key] < 0:
+            raise ValueError(f"config.train.{key}={t[key]}: must be >= 0")
+    if config.checkpoint.every_steps < 0:
+        raise ValueError(f"config.checkpoint.every_steps={config.checkpoint.every_steps}: must be >= 0")

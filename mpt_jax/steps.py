@@ -1,0 +1,109 @@
+"""The pure functions jit compiles: loss, train step (with gradient accumulation), eval step.
+
+No I/O, no globals: everything a step needs comes in through its arguments, so the same step runs
+on one CPU or a pod, and two runs from the same state and batch give the same bits.
+
+Loss convention (llm-foundry's): token t of a row is predicted from the tokens before it and counts
+when ``loss_mask[t] == 1``; the loss is the mean over counted tokens of the whole global batch, so
+k micro-batches of b rows give the same update as one batch of k*b rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from mpt_jax.config import MPTConfig
+from mpt_jax.model import MPT, init_params
+
+TrainState = dict[str, Any]  # {"step": int32[], "params": tree, "opt_state": tree, "rng": key}
+Batch = dict[str, jax.Array]  # tokens, segment_ids, positions, loss_mask: [rows, seq_len] int32
+
+
+def init_state(cfg: MPTConfig, optimizer: optax.GradientTransformation, rng: jax.Array, params=None) -> TrainState:
+    """A fresh train state; ``params`` (e.g. a converted checkpoint) replace the random init."""
+    init_rng, rng = jax.random.split(rng)
+    if params is None:
+        params = init_params(cfg, init_rng)
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": optimizer.init(params), "rng": rng}
+
+
+def token_losses(logits: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array]:
+    """(sum of next-token cross-entropies over counted tokens, number of counted tokens), float32."""
+    targets = batch["tokens"][:, 1:]
+    weights = batch["loss_mask"][:, 1:].astype(jnp.float32)
+    logits = logits[:, :-1].astype(jnp.float32)
+    nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return jnp.sum(nll * weights), jnp.sum(weights)
+
+
+def loss_fn(
+    params, batch: Batch, cfg: MPTConfig, *, rng: jax.Array | None = None, train: bool = False
+) -> tuple[jax.Array, jax.Array]:
+    """(summed loss, counted tokens) of one (micro-)batch."""
+    logits = MPT(cfg).apply(
+        {"params": params},
+        batch["tokens"],
+        segment_ids=batch["segment_ids"] if cfg.attn_uses_sequence_id else None,
+        positions=batch["positions"] if cfg.uses_learned_pos_emb else None,
+        deterministic=not train,
+        rngs={"dropout": rng} if (train and rng is not None) else {},
+    )
+    return token_losses(logits, batch)
+
+
+def train_step(
+    state: TrainState,
+    batch: Batch,
+    *,
+    cfg: MPTConfig,
+    optimizer: optax.GradientTransformation,
+    schedule: Callable[[jax.Array], jax.Array],
+    micro_batches: int = 1,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One optimizer update from a global batch, accumulated over ``micro_batches`` with lax.scan."""
+    params = state["params"]
+    rng = jax.random.fold_in(state["rng"], state["step"])
+    rows = batch["tokens"].shape[0]
+    if rows % micro_batches:
+        raise ValueError(f"train_step: {rows} rows do not split into {micro_batches} micro-batches")
+    # Micro-batch i takes rows i, i+k, i+2k, ...: with rows sharded over devices, every micro-batch
+    # is spread over all of them.
+    micro = jax.tree.map(lambda x: x.reshape(rows // micro_batches, micro_batches, *x.shape[1:]).swapaxes(0, 1), batch)
+    grad_fn = jax.value_and_grad(lambda p, b, r: loss_fn(p, b, cfg, rng=r, train=True), has_aux=True)
+
+    def accumulate(carry, inputs):
+        grads, loss_sum, count = carry
+        index, mb = inputs
+        (loss, n), g = grad_fn(params, mb, jax.random.fold_in(rng, index))
+        grads = jax.tree.map(lambda a, b: a + b.astype(a.dtype), grads, g)
+        return (grads, loss_sum + loss, count + n), None
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+    (grads, loss_sum, count), _ = jax.lax.scan(accumulate, init, (jnp.arange(micro_batches), micro))
+    denom = jnp.maximum(count, 1.0)
+    grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, params)
+    updates, opt_state = optimizer.update(grads, state["opt_state"], params)
+    new_params = optax.apply_updates(params, updates)
+    loss = loss_sum / denom
+    metrics = {
+        "loss": loss,
+        "perplexity": jnp.exp(loss),
+        "lr": schedule(state["step"]),
+        "grad_norm": optax.global_norm(grads),
+        "param_norm": optax.global_norm(new_params),
+        "tokens": count,
+    }
+    new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state, "rng": state["rng"]}
+    return new_state, metrics
+
+
+def eval_step(params, batch: Batch, *, cfg: MPTConfig) -> dict[str, jax.Array]:
+    """Summed loss and token count of one eval batch (callers add them up across batches)."""
+    loss_sum, count = loss_fn(params, batch, cfg, train=False)
+    return {"loss_sum": loss_sum, "tokens": count}

@@ -1,0 +1,216 @@
+"""The trainer end to end: exact resume after kill -9 and SIGTERM, accumulation, errors, finetuning."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+
+from mpt_jax import MPTConfig, steps
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A very small model on the tiny config's path, so that each run compiles and trains in seconds.
+SMALL = [
+    "--config.model.d_model=64",
+    "--config.model.n_heads=2",
+    "--config.model.n_layers=2",
+    "--config.train.seq_len=32",
+    "--config.train.global_batch_size=4",
+    "--config.train.log_every=1",
+    "--config.train.eval_every=0",
+    "--config.train.progress=False",
+    "--config.schedule.t_warmup=5",
+]
+
+
+def train_cmd(workdir, data_dir, *overrides, config="configs/tiny.py"):
+    return [
+        sys.executable,
+        "-m",
+        "mpt_jax.train",
+        f"--config={config}",
+        f"--workdir={workdir}",
+        f"--config.data.data_dir={data_dir}",
+        *SMALL,
+        *overrides,
+    ]
+
+
+def run(cmd, timeout=600):
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    return done
+
+
+def read_metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def losses(workdir):
+    return {m["step"]: m["loss"] for m in read_metrics(workdir) if "loss" in m}
+
+
+def final_params(workdir, step):
+    path = os.path.join(workdir, "checkpoints", str(step), "state")
+    with ocp.StandardCheckpointer() as ckptr:
+        state = ckptr.restore(path)
+    return state["params"]
+
+
+def assert_same_params(a, b):
+    flat_a, flat_b = jax.tree.leaves(a), jax.tree.leaves(b)
+    assert len(flat_a) == len(flat_b)
+    for x, y in zip(flat_a, flat_b, strict=True):
+        assert np.array_equal(np.asarray(x).view(np.uint8), np.asarray(y).view(np.uint8))
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, stdlib_data_dir):
+    """40 steps without interruption: the reference for both resume tests."""
+    workdir = str(tmp_path_factory.mktemp("straight"))
+    done = run(train_cmd(workdir, stdlib_data_dir, "--config.train.max_steps=40", "--config.checkpoint.every_steps=20"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return workdir
+
+
+def wait_for(predicate, proc, timeout=300):
+    start = time.time()
+    while not predicate():
+        if proc.poll() is not None:
+            return False
+        if time.time() - start > timeout:
+            raise TimeoutError
+        time.sleep(0.02)
+    return True
+
+
+def test_kill_9_then_resume_is_bitwise_identical(straight, stdlib_data_dir, tmp_path):
+    workdir = str(tmp_path / "killed")
+    cmd = train_cmd(workdir, stdlib_data_dir, "--config.train.max_steps=40", "--config.checkpoint.every_steps=20")
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    in_time = wait_for(lambda: os.path.isdir(os.path.join(workdir, "checkpoints", "20")), proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert in_time and proc.returncode == -signal.SIGKILL
+    assert not os.path.isdir(os.path.join(workdir, "checkpoints", "40")), "the run finished before the kill"
+    done = run(cmd)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resumed from the checkpoint at step 20" in done.stderr
+    a, b = losses(straight), losses(workdir)
+    assert sorted(b) == list(range(1, 41))  # stale lines past the checkpoint were replaced
+    assert a == b  # every logged loss, bit for bit (JSON floats round-trip exactly)
+    assert_same_params(final_params(straight, 40), final_params(workdir, 40))
+
+
+def test_sigterm_at_a_random_step_saves_and_resumes_identically(straight, stdlib_data_dir, tmp_path):
+    workdir = str(tmp_path / "term")
+    cmd = train_cmd(workdir, stdlib_data_dir, "--config.train.max_steps=40", "--config.checkpoint.every_steps=20")
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics_file = os.path.join(workdir, "metrics.jsonl")
+    assert wait_for(lambda: os.path.isfile(metrics_file) and os.path.getsize(metrics_file) > 0, proc)
+    time.sleep(random.uniform(0.0, 0.3))
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    saved = [int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()]
+    stopped_at = max(saved)
+    assert "exiting" in err or stopped_at == 40
+    done = run(cmd)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert losses(straight) == losses(workdir)
+    assert_same_params(final_params(straight, 40), final_params(workdir, 40))
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_previous(straight, stdlib_data_dir, tmp_path):
+    import shutil
+
+    workdir = str(tmp_path / "corrupt")
+    shutil.copytree(straight, workdir)
+    state_dir = os.path.join(workdir, "checkpoints", "40", "state")
+    for name in os.listdir(state_dir):  # break the newest checkpoint's arrays
+        path = os.path.join(state_dir, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+    done = run(train_cmd(workdir, stdlib_data_dir, "--config.train.max_steps=40", "--config.checkpoint.every_steps=20"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "could not be restored" in done.stderr and "resumed from the checkpoint at step 20" in done.stderr
+    assert any(d.startswith("40.unreadable") for d in os.listdir(os.path.join(workdir, "checkpoints")))
+    assert_same_params(final_params(straight, 40), final_params(workdir, 40))
+
+
+def test_errors_before_anything_compiles(stdlib_data_dir, tmp_path):
+    bad = run(train_cmd(tmp_path, stdlib_data_dir, "--config.train.max_stpes=3"))
+    assert bad.returncode != 0 and "max_stpes" in bad.stderr
+    bad = run(train_cmd(tmp_path, stdlib_data_dir, "--config.train.micro_batch_size=3"))
+    assert bad.returncode != 0 and "micro_batch_size=3 does not divide" in bad.stderr
+    bad = run(train_cmd(tmp_path, stdlib_data_dir, "--config.mesh.data=2"))
+    assert bad.returncode != 0 and "multiplies to 2, not the 1 devices" in bad.stderr
+    bad = run(train_cmd(tmp_path, stdlib_data_dir, "--config.model.vocab_size=1000"))
+    assert bad.returncode != 0 and "smaller than the tokenizer's 8192 ids" in bad.stderr
+
+
+def test_nonfinite_loss_stops_naming_the_step(stdlib_data_dir, tmp_path):
+    workdir = str(tmp_path / "nan")
+    done = run(
+        train_cmd(
+            workdir,
+            stdlib_data_dir,
+            "--config.train.max_steps=30",
+            "--config.checkpoint.every_steps=2",
+            "--config.optimizer.lr=1e30",
+            "--config.optimizer.grad_clip_norm=0",
+        )
+    )
+    assert done.returncode != 0
+    assert "loss is nan at step" in done.stderr or "loss is inf at step" in done.stderr
+    bad_step = int(done.stderr.split(" at step ")[1].split(";")[0])
+    saved = [int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()]
+    assert all(s < bad_step for s in saved)
+
+
+# ----------------------------------------------------------------------------------------------
+# The step itself.
+
+
+def _batch(rng, rows, length, vocab):
+    tokens = jax.random.randint(rng, (rows, length), 0, vocab)
+    seg = jnp.ones((rows, length), jnp.int32)
+    return {
+        "tokens": tokens,
+        "segment_ids": seg,
+        "positions": jnp.broadcast_to(jnp.arange(length), (rows, length)),
+        "loss_mask": (jax.random.uniform(jax.random.fold_in(rng, 1), (rows, length)) > 0.3).astype(jnp.int32),
+    }
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    """k micro-batches of b rows give the update of one batch of k*b rows (token-weighted mean)."""
+    cfg = MPTConfig(d_model=32, n_heads=2, n_layers=2, vocab_size=64, max_seq_len=16)
+    opt = optax.sgd(0.5)  # linear in the gradient, so the comparison is of the gradients themselves
+    state = steps.init_state(cfg, opt, jax.random.key(0))
+    batch = _batch(jax.random.key(1), 8, 16, cfg.vocab_size)
+    out = {}
+    for k in (1, 2, 4):
+        fn = jax.jit(
+            lambda s, b, k=k: steps.train_step(s, b, cfg=cfg, optimizer=opt, schedule=lambda t: 1e-2, micro_batches=k)
+        )
+        new, m = fn(state, batch)
+        out[k] = (new["params"], m)
+    for k in (2, 4):
+        np.testing.assert_allclose(out[k][1]["loss"], out[1][1]["loss"], rtol=1e-6)
+        np.testing.assert_allclose(out[k][1]["grad_norm"], out[1][1]["grad_norm"], rtol=1e-5)
+        assert float(out[k][1]["tokens"]) == float(out[1][1]["tokens"])
+        for a, b in zip(jax.tree.leaves(out[k][0]), jax.tree.leaves(out[1][0]), strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-6)
