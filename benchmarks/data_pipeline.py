@@ -41,7 +41,7 @@ def model_tokens_per_s(batch: int, seq_len: int, seconds: float) -> float:
     import jax.numpy as jnp
 
     from mpt_jax.model import MPT, init_params
-    from mpt_jax.summary import model_config
+    from mpt_jax.run_config import model_config
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     spec = importlib.util.spec_from_file_location("tiny", os.path.join(root, "configs", "tiny.py"))

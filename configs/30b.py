@@ -2,17 +2,20 @@
 
 d_model 7168, 64 heads (head_dim 112), 48 layers, max_seq_len 8192, vocabulary 50432, ALiBi,
 no biases: 29,957,200,896 parameters. (llm-foundry's public mpt-30b.yaml has 56 heads; the
-released model has 64.) Load the released weights with
+released model has 64.) Training recipe: the yaml's (decoupled AdamW lr 1e-4, betas (0.9, 0.95),
+cosine with 100 warmup steps to 0.1x, clipping 1.0, batch 2048 x 2048, 143,100 steps). Load the
+released weights with
 `python -m mpt_jax.convert hf_to_jax mosaicml/mpt-30b DIR`.
 """
 
 import ml_collections
 
 from mpt_jax.config import MPTConfig
+from mpt_jax.run_config import base_config
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = ml_collections.ConfigDict()
+    config = base_config()
     config.model = MPTConfig(
         d_model=7168,
         n_heads=64,
@@ -22,4 +25,18 @@ def get_config() -> ml_collections.ConfigDict:
         dtype="bfloat16",
         remat_policy="full",
     ).to_config_dict()
+    config.data.source = "tfds:c4/en"
+    config.data.tokenizer = "EleutherAI/gpt-neox-20b"
+    # llm-foundry's mpt-30b.yaml recipe at 2k context (the released model's first stage); its second
+    # stage continued at 8k: --config.train.seq_len=8192 --config.train.global_batch_size=512.
+    config.train.max_steps = 143100
+    config.train.global_batch_size = 2048
+    config.train.seq_len = 2048
+    config.train.eval_every = 1000
+    config.optimizer.lr = 1.0e-4
+    config.schedule.t_warmup = 100
+    config.schedule.alpha_f = 0.1
+    config.checkpoint.every_steps = 1000
+    config.mesh.data = 1
+    config.mesh.fsdp = -1
     return config

@@ -1,7 +1,9 @@
 """MPT-7B, exactly the released mosaicml/mpt-7b (and -instruct, -chat) architecture.
 
 d_model 4096, 32 heads (head_dim 128), 32 layers, max_seq_len 2048, vocabulary 50432, ALiBi,
-no biases: 6,649,286,656 parameters. For longer contexts raise max_seq_len (ALiBi extrapolates):
+no biases: 6,649,286,656 parameters. Training recipe: llm-foundry's mpt-7b.yaml (decoupled AdamW
+lr 1.2e-4, betas (0.9, 0.95), cosine with 100 warmup steps to 0.1x, clipping 1.0, batch 1024 x 2048,
+63,900 steps) on MPT-7B's pretraining data mix, below. For longer contexts raise max_seq_len (ALiBi extrapolates):
 `--config.model.max_seq_len=4096`. Load the released weights with
 `python -m mpt_jax.convert hf_to_jax mosaicml/mpt-7b DIR`.
 """
@@ -9,6 +11,7 @@ no biases: 6,649,286,656 parameters. For longer contexts raise max_seq_len (ALiB
 import ml_collections
 
 from mpt_jax.config import MPTConfig
+from mpt_jax.run_config import base_config
 
 # MPT-7B's pretraining data mix (model card): each row of a batch is packed from one source, the
 # source drawn with these probabilities. Prepare each corpus once with
@@ -30,7 +33,7 @@ MPT_7B_MIX = (
 
 
 def get_config() -> ml_collections.ConfigDict:
-    config = ml_collections.ConfigDict()
+    config = base_config()
     config.model = MPTConfig(
         d_model=4096,
         n_heads=32,
@@ -40,9 +43,21 @@ def get_config() -> ml_collections.ConfigDict:
         dtype="bfloat16",
         remat_policy="full",
     ).to_config_dict()
-    config.data = ml_collections.ConfigDict()
+    config.data.source = ""  # the mixture below instead of a single source
     config.data.tokenizer = "EleutherAI/gpt-neox-20b"
     config.data.mixture = [
         {"source": f"tokenized:{DATA_ROOT}/{name}", "format": "packed", "weight": weight} for name, weight in MPT_7B_MIX
     ]
+    # llm-foundry's mpt-7b.yaml recipe. The released run used LION (hyperparameters unpublished):
+    # --config.optimizer.name=decoupled_lionw --config.optimizer.b2=0.99 with a lower lr.
+    config.train.max_steps = 63900
+    config.train.global_batch_size = 1024
+    config.train.seq_len = 2048
+    config.train.eval_every = 1000
+    config.optimizer.lr = 1.2e-4
+    config.schedule.t_warmup = 100
+    config.schedule.alpha_f = 0.1
+    config.checkpoint.every_steps = 1000
+    config.mesh.data = 1
+    config.mesh.fsdp = -1
     return config

@@ -184,3 +184,40 @@ class TrainCheckpoints:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def load_params_any(path: str, *, dtype: str | None = None) -> tuple[MPTConfig, dict[str, Any]]:
+    """(cfg, params) from a training workdir (its newest checkpoint), an mpt-jax model checkpoint,
+    or an HF folder / hub id: whatever a user points ``init_from`` or generation at."""
+    ckpt_dir = os.path.join(path, "checkpoints")
+    if os.path.isdir(ckpt_dir):
+        return _load_workdir_params(path, dtype)
+    config_file = os.path.join(path, "config.json")
+    if os.path.isfile(config_file) and read_json(config_file).get("format") == FORMAT:
+        return load_model(path, dtype=dtype)
+    from mpt_jax.hf import load_hf
+
+    return load_hf(path, dtype=dtype)
+
+
+def _load_workdir_params(workdir: str, dtype: str | None) -> tuple[MPTConfig, dict[str, Any]]:
+    steps = sorted((int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()), reverse=True)
+    if not steps:
+        raise FileNotFoundError(f"{workdir}: a training workdir without checkpoints")
+    run = read_json(os.path.join(workdir, "checkpoints", str(steps[0]), "config", "metadata"), what="checkpoint config")
+    cfg = MPTConfig.from_dict(run["model"], source=f"{workdir} checkpoint {steps[0]} config")
+    state_dir = os.path.join(workdir, "checkpoints", str(steps[0]), "state")
+    with ocp.PyTreeCheckpointer() as ckptr:
+        tree = ckptr.metadata(state_dir)
+        tree = tree.item_metadata.tree if hasattr(tree, "item_metadata") else tree.tree
+        args = jax.tree.map(
+            lambda m: ocp.RestoreArgs(restore_type=np.ndarray, dtype=np.dtype(dtype) if dtype else m.dtype),
+            tree["params"],
+        )
+        restored = ckptr.restore(
+            state_dir,
+            args=ocp.args.PyTreeRestore(
+                item={"params": tree["params"]}, restore_args={"params": args}, partial_restore=True
+            ),
+        )
+    return cfg, restored["params"]

@@ -13,6 +13,7 @@ Matmuls run in ``cfg.dtype``; LayerNorm, attention scores, softmax and logits ar
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -67,7 +68,11 @@ class Linear(nn.Module):
         init = weight_init(cfg, in_axes=tuple(range(self.n_in)), residual=self.residual, slice_axes=slices)
         kernel = _param(self, "kernel", init, shape, self.axes)
         dtype = jnp.dtype(cfg.dtype)
-        y = jnp.tensordot(x.astype(dtype), kernel.astype(dtype), axes=self.n_in)
+        # One 2-D matmul: [tokens, in] @ [in, out] (XLA's CPU backend is fastest on plain 2-D dots).
+        n_in, n_out = math.prod(shape[: self.n_in]), math.prod(self.features)
+        y = (x.astype(dtype).reshape(-1, n_in) @ kernel.astype(dtype).reshape(n_in, n_out)).reshape(
+            *x.shape[: x.ndim - self.n_in], *self.features
+        )
         if not cfg.no_bias:
             bias = _param(self, "bias", nn.initializers.zeros, self.features, self.axes[self.n_in :])
             y = y + bias.astype(dtype)

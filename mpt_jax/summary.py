@@ -19,17 +19,13 @@ from ml_collections import config_flags
 
 from mpt_jax.config import MPTConfig
 from mpt_jax.model import MPT, init_params, param_shapes
+from mpt_jax.run_config import model_config
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a config file, e.g. configs/tiny.py", lock_config=True)
 _FORWARD = flags.DEFINE_bool("forward", True, "run and time a forward pass on random tokens")
 _BATCH = flags.DEFINE_integer("batch", 2, "batch size of the forward pass")
 _LENGTH = flags.DEFINE_integer("length", 0, "sequence length of the forward pass (0: max_seq_len)")
 _MAX_FORWARD = flags.DEFINE_integer("max_forward_params", 200_000_000, "skip the forward pass above this size")
-
-
-def model_config(config) -> MPTConfig:
-    """The MPTConfig of a run config's ``model`` section."""
-    return MPTConfig.from_dict(config.model.to_dict(), source="config.model")
 
 
 def describe(cfg: MPTConfig) -> tuple[str, int]:

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from mpt_jax import checkpoint, metrics, optim, run_config, steps
 from mpt_jax.data import formats
-from mpt_jax.data.pipeline import DataConfig, get_tokenizer, make_dataset, to_global_arrays
+from mpt_jax.data.pipeline import DataConfig, get_tokenizer, iterate, make_dataset, to_global_arrays
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a config file, e.g. configs/tiny.py", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics and logs go (default: workdirs/<config>)")
@@ -62,19 +62,9 @@ class _Stop:
 
 
 def _init_params(config, cfg, abstract_params):
-    """Params from ``config.init_from``: an mpt-jax model checkpoint or an HF folder / hub id."""
+    """Params from ``config.init_from``: a training workdir, an mpt-jax model checkpoint or an HF folder."""
     path = config.init_from
-    if os.path.isfile(os.path.join(path, "config.json")):
-        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
-            is_ours = json.load(f).get("format") == checkpoint.FORMAT
-    else:
-        is_ours = False
-    if is_ours:
-        src_cfg, params = checkpoint.load_model(path, dtype=cfg.param_dtype)
-    else:
-        from mpt_jax.hf import load_hf
-
-        src_cfg, params = load_hf(path, dtype=cfg.param_dtype)
+    src_cfg, params = checkpoint.load_params_any(path, dtype=cfg.param_dtype)
     want = jax.tree.map(lambda x: x.shape, abstract_params)
     got = jax.tree.map(np.shape, params)
     if jax.tree.structure(want) != jax.tree.structure(got) or want != got:
@@ -165,7 +155,7 @@ class Trainer:
             with open(os.path.join(self.workdir, "config.json"), "w", encoding="utf-8") as f:
                 f.write(config.to_json_best_effort(indent=2))
         state = self._initial_state()
-        data_iter = iter(self._dataset("train", train=True))
+        data_iter = iterate(self._dataset("train", train=True))
         ckpts = checkpoint.TrainCheckpoints(
             os.path.join(self.workdir, "checkpoints"), keep=config.checkpoint.keep or None
         )

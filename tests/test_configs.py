@@ -12,7 +12,7 @@ import pytest
 
 from mpt_jax.config import MPTConfig
 from mpt_jax.model import count_params
-from mpt_jax.summary import model_config
+from mpt_jax.run_config import model_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))

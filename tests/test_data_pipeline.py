@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from mpt_jax.data import formats, sources
-from mpt_jax.data.pipeline import FEATURES, DataConfig, SourceConfig, get_tokenizer, make_dataset, packed_rows
+from mpt_jax.data.pipeline import FEATURES, DataConfig, SourceConfig, get_tokenizer, iterate, make_dataset, packed_rows
 from mpt_jax.data.prepare import prepare
 
 SEQ = 64
@@ -28,9 +28,7 @@ def tok(stdlib_cfg):
 
 
 def take(dataset, n, state=None):
-    it = iter(dataset)
-    if state is not None:
-        it.set_state(state)
+    it = iterate(dataset, state)
     out = [next(it) for _ in range(n)]
     return out, it
 
@@ -78,7 +76,7 @@ def test_exact_resume(stdlib_cfg, tok):
     kw = dict(split="train", seq_len=SEQ, global_batch=4, seed=5)
     straight, _ = take(make_dataset(stdlib_cfg, tok, **kw), 7)
     _, it = take(make_dataset(stdlib_cfg, tok, **kw), 3)
-    state = json.loads(json.dumps(it.get_state()))  # the state survives JSON (what checkpoints store)
+    state = it.get_state()  # JSON bytes, as checkpoints store it
     resumed, _ = take(make_dataset(stdlib_cfg, tok, **kw), 4, state=state)
     assert_batches_equal(straight[3:], resumed)
 
@@ -90,7 +88,7 @@ import json, sys
 import numpy as np
 from absl import flags
 flags.FLAGS(["prog"])
-from mpt_jax.data.pipeline import DataConfig, get_tokenizer, make_dataset
+from mpt_jax.data.pipeline import DataConfig, get_tokenizer, iterate, make_dataset
 
 def run():
     out = {{}}
@@ -98,12 +96,11 @@ def run():
         cfg = DataConfig(data_dir={stdlib_cfg.data_dir!r}, num_workers=workers)
         tok = get_tokenizer(cfg)
         ds = lambda: make_dataset(cfg, tok, split="train", seq_len={SEQ}, global_batch=4, seed=7)
-        it = iter(ds())
+        it = iterate(ds())
         first = [next(it)["tokens"].tolist() for _ in range(3)]
         state = it.get_state()
         rest = [next(it)["tokens"].tolist() for _ in range(3)]
-        it2 = iter(ds())
-        it2.set_state(state)
+        it2 = iterate(ds(), state)
         resumed = [next(it2)["tokens"].tolist() for _ in range(3)]
         out[workers] = dict(first=first, rest=rest, resumed=resumed)
     json.dump(out, open({str(tmp_path / "out.json")!r}, "w"))

@@ -214,3 +214,66 @@ def test_gradient_accumulation_equals_one_big_batch():
         assert float(out[k][1]["tokens"]) == float(out[1][1]["tokens"])
         for a, b in zip(jax.tree.leaves(out[k][0]), jax.tree.leaves(out[1][0]), strict=True):
             np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# Finetuning: init_from a workdir, an HF folder or a converted checkpoint; ChatML data.
+
+
+def _chat_file(path):
+    with open(path, "w") as f:
+        for i in range(40):
+            messages = [
+                {"role": "user", "content": f"What does len([0] * {i}) return?"},
+                {"role": "assistant", "content": f"It returns {i}."},
+            ]
+            f.write(json.dumps({"messages": messages}) + "\n")
+
+
+def test_tiny_chat_finetunes_from_workdir_hf_and_converted(straight, stdlib_data_dir, tmp_path):
+    from hf_utils import random_hf_model
+
+    chat = tmp_path / "chat.jsonl"
+    _chat_file(chat)
+
+    def finetune(init_from, name):
+        workdir = str(tmp_path / name)
+        done = run(
+            train_cmd(
+                workdir,
+                stdlib_data_dir,
+                f"--config.init_from={init_from}",
+                f"--config.data.source=files:{chat}",
+                "--config.train.seq_len=128",
+                "--config.train.max_steps=6",
+                "--config.checkpoint.every_steps=0",
+                config="configs/tiny_chat.py",
+            )
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert f"initialised params from {init_from}" in done.stderr
+        return losses(workdir)
+
+    from_workdir = finetune(straight, "ft_workdir")
+    hf_dir = str(tmp_path / "hf")
+    random_hf_model(seed=0, d_model=64, n_heads=2, n_layers=2, max_seq_len=256, vocab_size=8256).save_pretrained(hf_dir)
+    converted = str(tmp_path / "converted")
+    assert (
+        subprocess.run([sys.executable, "-m", "mpt_jax.convert", "hf_to_jax", hf_dir, converted], cwd=ROOT).returncode
+        == 0
+    )
+    from_hf, from_converted = finetune(hf_dir, "ft_hf"), finetune(converted, "ft_converted")
+    assert from_hf == from_converted  # the same weights, by either route
+    assert from_hf[1] != from_workdir[1]  # and not the pretraining run's
+    assert all(np.isfinite(v) for v in from_workdir.values())
+
+    small_vocab = str(tmp_path / "hf_small")
+    random_hf_model(seed=0, d_model=64, n_heads=2, n_layers=2, max_seq_len=256, vocab_size=100).save_pretrained(
+        small_vocab
+    )
+    bad = run(
+        train_cmd(
+            str(tmp_path / "bad"), stdlib_data_dir, f"--config.init_from={small_vocab}", config="configs/tiny_chat.py"
+        )
+    )
+    assert bad.returncode != 0 and "do not fit config.model" in bad.stderr and "vocab_size=100" in bad.stderr

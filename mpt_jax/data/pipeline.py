@@ -20,6 +20,7 @@ packed document, 0 = padding), ``positions`` (int32, within each document) and `
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -64,6 +65,9 @@ class DataConfig:
     num_streams: int = 0  # 0: one per process
     num_workers: int = 0  # tokenizing worker processes per stream
     shuffle: bool = True
+    # Packed rows are shuffled in windows of this many (0: off): concat packing puts a long
+    # document in consecutive rows, which would otherwise land in the same batch.
+    shuffle_rows: int = 512
     txt_mode: str = "file"
 
     @classmethod
@@ -78,6 +82,10 @@ class DataConfig:
         if unknown:
             raise ValueError(f"config.data: unknown key(s) {unknown}; known: {sorted(own_keys | source_keys)}")
         mixture = data.pop("mixture", None)
+        if mixture and single.get("source"):
+            raise ValueError(
+                f"config.data: both source={single['source']!r} and a mixture are set; set source='' to use the mixture"
+            )
         if mixture:
             entries = []
             for i, entry in enumerate(mixture):
@@ -108,8 +116,8 @@ class DataConfig:
                 )
         if self.packing not in PACKINGS:
             raise ValueError(f"config.data.packing={self.packing!r}: expected one of {PACKINGS}")
-        if self.num_streams < 0 or self.num_workers < 0:
-            raise ValueError("config.data: num_streams and num_workers must be >= 0")
+        if self.num_streams < 0 or self.num_workers < 0 or self.shuffle_rows < 0:
+            raise ValueError("config.data: num_streams, num_workers and shuffle_rows must be >= 0")
 
 
 def default_config():
@@ -119,6 +127,9 @@ def default_config():
     c = ml_collections.ConfigDict()
     c.source = "stdlib"
     c.format = "pretrain"
+    c.text_field = "text"  # None for instruction/chat records
+    c.template = "mpt-7b-instruct"
+    c.system_prompt = ml_collections.config_dict.placeholder(str)
     c.tokenizer = STDLIB_BPE
     c.data_dir = ml_collections.config_dict.placeholder(str)
     c.packing = "concat"
@@ -126,6 +137,7 @@ def default_config():
     c.skip_bad_records = False
     c.num_streams = 0
     c.num_workers = 0
+    c.shuffle_rows = 512
     return c
 
 
@@ -282,7 +294,11 @@ def packed_rows(
         if cfg.num_workers:
             it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
         it = it.filter(_Collect(stats)).map(_example)
-        rows.append(it if source.format == "packed" else _pack(it, cfg, seq_len, seed))
+        if source.format != "packed":
+            it = _pack(it, cfg, seq_len, seed)
+            if shuffle and cfg.shuffle_rows > 1:
+                it = grain.experimental.WindowShuffleIterDataset(it, window_size=cfg.shuffle_rows, seed=seed + stream)
+        rows.append(it)
     if len(rows) == 1:
         return rows[0]
     return grain.IterDataset.mix(rows, weights=[s.weight for s in cfg.mixture])
@@ -356,3 +372,59 @@ def to_global_arrays(batch: dict, sharding) -> dict:
     import jax
 
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in batch.items()}
+
+
+class DataIterator:
+    """The iterator of a pipeline, with a state that survives JSON, as checkpoints store it.
+
+    grain's packers keep (start, stop) tuples in their state, which JSON turns into lists that
+    ``set_state`` then misreads (at the start of a shuffle window, resuming gave other rows); this
+    wrapper restores the tuples. ``get_state`` returns JSON bytes, the form grain's orbax handler
+    saves for iterators that are not its own.
+    """
+
+    def __init__(self, dataset: grain.IterDataset):
+        self._it = iter(dataset)
+
+    def __iter__(self) -> DataIterator:
+        return self
+
+    def __next__(self) -> dict:
+        return next(self._it)
+
+    def get_state(self) -> bytes:
+        return json.dumps(self._it.get_state()).encode()
+
+    def set_state(self, state: bytes | str | dict) -> None:
+        if isinstance(state, bytes | str):
+            state = json.loads(state)
+        self._it.set_state(_retuple(state))
+
+    def start_prefetch(self) -> None:
+        if hasattr(self._it, "start_prefetch"):
+            self._it.start_prefetch()
+
+    def close(self) -> None:
+        if hasattr(self._it, "close"):
+            self._it.close()
+
+
+def _retuple(state):
+    if isinstance(state, dict):
+        return {
+            k: {f: tuple(v) for f, v in val.items()}
+            if k == "remainder_slices" and isinstance(val, dict)
+            else _retuple(val)
+            for k, val in state.items()
+        }
+    if isinstance(state, list):
+        return [_retuple(v) for v in state]
+    return state
+
+
+def iterate(dataset: grain.IterDataset, state: bytes | dict | None = None) -> DataIterator:
+    """An iterator over ``dataset``, optionally resumed from a saved state."""
+    it = DataIterator(dataset)
+    if state is not None:
+        it.set_state(state)
+    return it

@@ -1,0 +1,42 @@
+"""MPT-7B-Instruct: finetune MPT-7B on instruction data, as llm-foundry's mpt-7b_dolly_sft.yaml.
+
+    python -m mpt_jax.convert hf_to_jax mosaicml/mpt-7b ckpt/mpt-7b
+    python -m mpt_jax.train --config=configs/7b_instruct.py --config.data.source=files:/data/dolly_hhrlhf/train.jsonl
+
+Data: jsonl records {"prompt": ..., "response": ...} (mosaicml/dolly_hhrlhf exported to jsonl), in
+the MPT-7B-Instruct template, loss on the response only, examples packed first-fit into 2048 tokens.
+Recipe (the yaml's): decoupled AdamW lr 5e-6, betas (0.9, 0.999), no weight decay, linear decay to 0
+after 50 warmup steps, clipping 1.0, global batch 48, 2 epochs (about 2,500 steps for ~59k examples).
+"""
+
+import ml_collections
+
+from mpt_jax.config import MPTConfig
+from mpt_jax.run_config import base_config
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = base_config()
+    config.model = MPTConfig(
+        d_model=4096, n_heads=32, n_layers=32, max_seq_len=2048, vocab_size=50432, dtype="bfloat16", remat_policy="full"
+    ).to_config_dict()
+    config.init_from = "ckpt/mpt-7b"
+    config.data.source = "files:data/dolly_hhrlhf/train.jsonl"
+    config.data.format = "instruction"
+    config.data.text_field = ml_collections.config_dict.placeholder(str)
+    config.data.template = "mpt-7b-instruct"
+    config.data.tokenizer = "EleutherAI/gpt-neox-20b"
+    config.data.packing = "first_fit"
+    config.train.max_steps = 2500
+    config.train.global_batch_size = 48
+    config.train.seq_len = 2048
+    config.train.eval_every = 0
+    config.optimizer.lr = 5e-6
+    config.optimizer.b2 = 0.999
+    config.schedule.name = "linear_decay_with_warmup"
+    config.schedule.t_warmup = 50
+    config.schedule.alpha_f = 0.0
+    config.checkpoint.every_steps = 500
+    config.mesh.data = 1
+    config.mesh.fsdp = -1
+    return config
