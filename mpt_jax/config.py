@@ -31,7 +31,7 @@ INIT_NAMES = (
 )
 NONLINEARITIES = ("relu", "leaky_relu", "linear", "tanh", "sigmoid", "selu")
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
-ATTN_IMPLS = ("xla",)
+ATTN_IMPLS = ("xla", "pallas", "cudnn", "auto")
 DTYPES = ("float32", "bfloat16", "float16")
 
 

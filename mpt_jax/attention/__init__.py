@@ -2,6 +2,14 @@
 
 ``attend(q, k, v, causal=..., alibi_slopes=..., segment_ids=..., impl=...)`` is all the model
 knows of attention; backends live in their own modules and know nothing of the model.
+
+Backends (``IMPLS``):
+  xla     plain jnp (``xla.py``): the reference, the CPU/TPU default, the only one with dropout.
+  pallas  flash attention kernels (``pallas_gpu.py``, Triton lowering on GPU, interpret mode on
+          CPU): ALiBi, causal and segments computed in the kernel, nothing [T, T] in memory.
+  cudnn   ``jax.nn.dot_product_attention(implementation="cudnn")`` with a materialized ALiBi bias
+          and mask: a GPU-only comparison point.
+  auto    pallas on GPU (when it applies: no dropout, q_len > 1), xla elsewhere.
 """
 
 from __future__ import annotations
@@ -9,13 +17,15 @@ from __future__ import annotations
 import math
 
 import jax
+import jax.numpy as jnp
 
 from mpt_jax.attention.alibi import alibi_slopes
-from mpt_jax.attention.xla import attend_xla
+from mpt_jax.attention.pallas_gpu import BlockSizes, flash_attention
+from mpt_jax.attention.xla import attend_xla, attention_bias
 
-IMPLS = ("xla",)
+IMPLS = ("xla", "pallas", "cudnn", "auto")
 
-__all__ = ["IMPLS", "alibi_slopes", "attend"]
+__all__ = ["IMPLS", "BlockSizes", "alibi_slopes", "attend"]
 
 
 def attend(
@@ -30,6 +40,8 @@ def attend(
     dropout_rate: float = 0.0,
     dropout_rng: jax.Array | None = None,
     impl: str = "xla",
+    interpret: bool | None = None,
+    block_sizes: BlockSizes | None = None,
 ) -> jax.Array:
     """Multi-head attention with optional ALiBi, causal mask and packed-sequence segments.
 
@@ -38,12 +50,21 @@ def attend(
       k, v: [batch, kv_len, kv_heads, head_dim]; heads must be a multiple of kv_heads (MQA/GQA:
         query head h reads kv head h // (heads // kv_heads)).
       causal: mask keys after the query; queries are aligned to the last keys.
-      alibi_slopes: [heads] float32 slopes (see ``alibi_slopes``), or None for no ALiBi.
+      alibi_slopes: [heads] float32 slopes (see ``alibi_slopes``) of the heads in q, or None for no
+        ALiBi. Under ``jax.shard_map`` with heads sharded (q [B, S, H/n, D] per shard), pass each
+        shard the slopes of its *global* head indices, i.e. shard the full [H] slopes array like
+        the heads (``P("tensor")``), not ``alibi_slopes(H/n)``. A shard_map around impl="pallas"
+        needs ``check_vma=False`` (pallas_call does not annotate varying manual axes).
       segment_ids: int [batch, len] ids for self-attention (q_len == kv_len), or a pair
         (q_segment_ids, kv_segment_ids); a query attends only to keys of its own segment.
       softmax_scale: defaults to 1/sqrt(head_dim).
-      dropout_rate, dropout_rng: dropout on the attention probabilities (training only).
-      impl: backend name, one of IMPLS.
+      dropout_rate, dropout_rng: dropout on the attention probabilities (training only; impl="xla"
+        only: "pallas" and "cudnn" raise ValueError, "auto" falls back to xla).
+      impl: backend name, one of IMPLS (see the module docstring). "pallas" runs q_len == 1
+        (decoding) through xla.
+      interpret: impl="pallas" only: run the kernels in Pallas interpret mode; default: when the
+        default backend is CPU.
+      block_sizes: impl="pallas" only: tile sizes (``BlockSizes``); default per head_dim.
 
     Returns:
       [batch, q_len, heads, head_dim] in q's dtype.
@@ -75,7 +96,36 @@ def attend(
                 f"attend: segment ids {q_seg.shape}/{kv_seg.shape} do not match q {q.shape[:2]} / kv {k.shape[:2]}"
             )
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    if impl == "xla":
+    if impl not in IMPLS:
+        raise ValueError(f"attend: unknown impl={impl!r}; expected one of {IMPLS}")
+    on_gpu = jax.default_backend() == "gpu"
+    if impl == "auto":
+        impl = "pallas" if on_gpu and dropout_rate == 0.0 and q.shape[1] > 1 else "xla"
+    if impl in ("pallas", "cudnn") and dropout_rate > 0.0:
+        raise ValueError(
+            f"attend: impl={impl!r} has no attention dropout (dropout_rate={dropout_rate}); use impl='xla'"
+        )
+    if impl == "pallas" and q.shape[1] > 1:
+        return flash_attention(
+            q,
+            k,
+            v,
+            causal=causal,
+            alibi_slopes=alibi_slopes,
+            q_segment_ids=q_seg,
+            kv_segment_ids=kv_seg,
+            softmax_scale=scale,
+            block_sizes=block_sizes,
+            interpret=interpret,
+        )
+    if impl == "cudnn":
+        if not on_gpu:
+            raise ValueError(
+                f"attend: impl='cudnn' needs a GPU (cuDNN flash attention); the default backend is "
+                f"{jax.default_backend()!r}. Use impl='xla' or 'auto'."
+            )
+        return _attend_cudnn(q, k, v, causal=causal, alibi_slopes=alibi_slopes, q_seg=q_seg, kv_seg=kv_seg, scale=scale)
+    if impl in ("xla", "pallas"):  # pallas with q_len == 1: one query row, nothing to tile
         return attend_xla(
             q,
             k,
@@ -88,4 +138,36 @@ def attend(
             dropout_rate=dropout_rate,
             dropout_rng=dropout_rng,
         )
-    raise ValueError(f"attend: unknown impl={impl!r}; expected one of {IMPLS}")
+    raise AssertionError(impl)  # unreachable: every name in IMPLS is handled above
+
+
+def _attend_cudnn(q, k, v, *, causal, alibi_slopes, q_seg, kv_seg, scale) -> jax.Array:
+    """cuDNN flash attention with ALiBi materialized as a [1, H, S, T] bias (the comparison point).
+
+    cuDNN's causal mask is top-left aligned, so for q_len < kv_len the (bottom-right) causal mask
+    goes into the boolean mask instead of ``is_causal``.
+    """
+    q_len, kv_len = q.shape[1], k.shape[1]
+    bias = None
+    if alibi_slopes is not None:
+        bias = attention_bias(
+            q_len, kv_len, causal=False, alibi_slopes=alibi_slopes, q_segment_ids=None, kv_segment_ids=None
+        ).astype(q.dtype)
+    mask = None
+    if q_seg is not None:
+        mask = (q_seg[:, :, None] == kv_seg[:, None, :])[:, None]
+    use_is_causal = causal and q_len == kv_len
+    if causal and not use_is_causal:
+        q_pos = jnp.arange(q_len)[:, None] + (kv_len - q_len)
+        tri = (jnp.arange(kv_len)[None, :] <= q_pos)[None, None]
+        mask = tri if mask is None else mask & tri
+    return jax.nn.dot_product_attention(
+        q,
+        k.astype(q.dtype),
+        v.astype(q.dtype),
+        bias=bias,
+        mask=mask,
+        scale=scale,
+        is_causal=use_is_causal,
+        implementation="cudnn",
+    )
