@@ -130,35 +130,37 @@ class TrainCheckpoints:
         return self.manager.latest_step()
 
     def save(self, step: int, state: Any, data_iterator: Any, config: dict) -> None:
-        import grain
-
+        """A collective: every process calls it. The data position saved is every process's
+        (``global_state``), so the checkpoint resumes on another process count too."""
         self.manager.save(
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state),
-                data=grain.checkpoint.CheckpointSave(data_iterator),
+                data=ocp.args.JsonSave(data_iterator.global_state()),
                 config=ocp.args.JsonSave(config),
             ),
             force=True,
         )
 
-    def restore_latest(self, abstract_state: Any, data_iterator: Any) -> tuple[int, Any] | None:
+    def restore_latest(
+        self, abstract_state: Any, data_iterator: Any, model: dict | None = None
+    ) -> tuple[int, Any] | None:
         """(step, state) of the newest readable checkpoint, with ``data_iterator`` moved to its
-        position; None when there is none."""
-        import grain
+        position; None when there is none. A checkpoint written with another ``model`` config is
+        an error (not a fallback): the run's config must change back, or use another workdir."""
         from absl import logging
 
         for step in sorted(self.manager.all_steps(), reverse=True):
+            if model is not None:
+                self._check_model(step, model)
             try:
                 restored = self.manager.restore(
                     step,
                     args=ocp.args.Composite(
-                        state=ocp.args.StandardRestore(abstract_state),
-                        data=grain.checkpoint.CheckpointRestore(data_iterator),
+                        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
                     ),
                 )
-                return step, restored["state"]
-            except Exception as e:  # noqa: BLE001 - any failure means this checkpoint is unusable
+            except Exception as e:  # noqa: BLE001 - any failure to read means this checkpoint is unusable
                 aside = self._move_aside(step)
                 logging.warning(
                     "checkpoint at step %d could not be restored (%s: %s); moved to %s, trying the previous one",
@@ -167,14 +169,42 @@ class TrainCheckpoints:
                     str(e)[:300],
                     aside,
                 )
+                continue
+            try:  # a readable checkpoint that does not fit this run is the user's to resolve: no fallback
+                data_iterator.set_state(restored["data"])
+            except ValueError as e:
+                raise ValueError(f"checkpoint at step {step} in {self.directory}: {e}") from None
+            return step, restored["state"]
         return None
+
+    def _check_model(self, step: int, model: dict) -> None:
+        try:
+            saved = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+        except Exception:  # noqa: BLE001 - unreadable config: the full restore decides
+            return
+        saved_model = saved.get("model", {})
+        diff = sorted(k for k in set(saved_model) | set(model) if saved_model.get(k) != model.get(k))
+        execution = {"dtype", "param_dtype", "remat_policy", "attn_impl"}  # free to change on resume
+        diff = [k for k in diff if k not in execution]
+        if diff:
+            changes = ", ".join(f"{k}: {saved_model.get(k)!r} -> {model.get(k)!r}" for k in diff)
+            raise ValueError(
+                f"the checkpoint at step {step} in {self.directory} was written with another model config ({changes}); "
+                "restore the config or use another --workdir"
+            )
 
     def _move_aside(self, step: int) -> str:
         src = os.path.join(self.directory, str(step))
         n = 0
-        while os.path.exists(dst := os.path.join(self.directory, f"{step}.unreadable-{n}")):
+        while os.path.exists(os.path.join(self.directory, f"{step}.unreadable-{n}")):
             n += 1
-        os.rename(src, dst)
+        dst = os.path.join(self.directory, f"{step}.unreadable-{n}")
+        if jax.process_index() == 0:
+            os.rename(src, dst)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"move_aside_{step}")
         self.manager.reload()
         return dst
 

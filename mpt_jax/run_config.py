@@ -9,7 +9,8 @@ A config file (``configs/<name>.py``) starts from ``base_config()`` and sets wha
     config.train      max_steps, global_batch_size, micro_batch_size, seq_len, seed, log_every,
                       eval_every, eval_batches, peak_flops, progress
     config.checkpoint every_steps, keep
-    config.mesh       data, fsdp, tensor (-1: all remaining devices)
+    config.mesh       data, fsdp, tensor (-1: all remaining devices); dcn_* (how many of each axis
+                      span slices/hosts over the data-center network); rules (logical -> mesh axes)
     config.init_from  an mpt-jax model checkpoint or HF folder to start from ("" = random init)
     config.wandb      W&B project (None = off)
 """
@@ -44,7 +45,17 @@ def base_config() -> ml_collections.ConfigDict:
         )
     )
     c.checkpoint = ml_collections.ConfigDict(dict(every_steps=500, keep=3))
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.mesh = ml_collections.ConfigDict(
+        dict(
+            data=-1,
+            fsdp=1,
+            tensor=1,
+            dcn_data=1,
+            dcn_fsdp=1,
+            dcn_tensor=1,
+            rules=ml_collections.config_dict.placeholder(list),
+        )
+    )
     c.init_from = ""
     c.wandb = ml_collections.ConfigDict(dict(project=ml_collections.config_dict.placeholder(str), name=""))
     return c
@@ -74,6 +85,10 @@ def mesh_shape(config: ml_collections.ConfigDict, n_devices: int) -> tuple[int, 
         if n_devices % known:
             raise ValueError(f"config.mesh {sizes}: {n_devices} devices are not divisible by {known}")
         sizes[sizes.index(-1)] = n_devices // known
+    dcn = [int(config.mesh.get(f"dcn_{a}", 1)) for a in ("data", "fsdp", "tensor")]
+    for axis, size, d in zip(("data", "fsdp", "tensor"), sizes, dcn, strict=True):
+        if d < 1 or (size > 0 and size % d):
+            raise ValueError(f"config.mesh.dcn_{axis}={d} must divide config.mesh.{axis}={size}")
     if sizes[0] * sizes[1] * sizes[2] != n_devices:
         raise ValueError(
             f"config.mesh (data, fsdp, tensor) = {tuple(sizes)} multiplies to {sizes[0] * sizes[1] * sizes[2]}, not the {n_devices} devices"
@@ -107,6 +122,8 @@ def check(config: ml_collections.ConfigDict, n_devices: int, process_count: int 
         )
     if cfg.n_heads % tensor:
         raise ValueError(f"config.model.n_heads={cfg.n_heads} is not divisible by config.mesh.tensor={tensor}")
+    if cfg.ffn_dim % tensor:
+        raise ValueError(f"config.model ffn hidden size {cfg.ffn_dim} is not divisible by config.mesh.tensor={tensor}")
     length = seq_len(config)
     if length < 2:
         raise ValueError(f"config.train.seq_len={length}: must be at least 2")

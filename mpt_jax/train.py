@@ -24,16 +24,19 @@ import flax.linen as nn
 import jax
 import numpy as np
 from absl import app, flags, logging
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
 from ml_collections import config_flags
 from tqdm import tqdm
 
-from mpt_jax import checkpoint, metrics, optim, run_config, steps
+from mpt_jax import checkpoint, distributed, metrics, optim, run_config, sharding, steps
 from mpt_jax.data import formats
 from mpt_jax.data.pipeline import DataConfig, get_tokenizer, iterate, make_dataset, to_global_arrays
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a config file, e.g. configs/tiny.py", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics and logs go (default: workdirs/<config>)")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "multi-process: host:port of process 0")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "multi-process: number of processes")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-process: this process's index")
 
 
 class NonFiniteLoss(RuntimeError):
@@ -94,11 +97,14 @@ class Trainer:
                 f"({self.data_cfg.tokenizer})"
             )
         shape = run_config.mesh_shape(config, jax.device_count())
-        self.mesh = Mesh(np.asarray(jax.devices()).reshape(shape), ("data", "fsdp", "tensor"))
-        self.batch_sharding = NamedSharding(self.mesh, PartitionSpec(("data", "fsdp")))
+        dcn = tuple(int(config.mesh.get(f"dcn_{a}", 1)) for a in sharding.AXES)
+        self.mesh = sharding.make_mesh(shape, dcn)
+        self.rules = sharding.rules_from_config(config)
+        self.batch_sharding = sharding.batch_sharding(self.mesh)
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
         self.schedule = optim.make_schedule(config.schedule, lr=config.optimizer.lr, max_steps=t.max_steps)
         self.optimizer = optim.make_optimizer(config.optimizer, config.schedule, max_steps=t.max_steps)
+        self.state_shardings = sharding.state_shardings(self.cfg, self.optimizer, self.mesh, self.rules)
         self.is_main = jax.process_index() == 0
         self.writer = metrics.MetricsWriter(
             self.workdir,
@@ -125,17 +131,27 @@ class Trainer:
             stats=self.format_stats if train else None,
         )
 
+    def _init_fn(self):
+        return functools.partial(steps.init_state, self.cfg, self.optimizer)
+
+    def _abstract_state(self):
+        """The train state's shapes, dtypes and shardings; nothing allocated."""
+        shapes = jax.eval_shape(self._init_fn(), jax.random.key(self.config.train.seed))
+        return jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), shapes, self.state_shardings
+        )
+
     def _initial_state(self):
+        """A fresh state, created already sharded (a large model never exists whole on one host)."""
         rng = jax.random.key(self.config.train.seed)
-        init = functools.partial(steps.init_state, self.cfg, self.optimizer)
-        abstract = jax.eval_shape(init, rng)
         params = None
         if self.config.init_from:
+            abstract = jax.eval_shape(self._init_fn(), rng)
             params = _init_params(self.config, self.cfg, nn.meta.unbox(abstract["params"]))
+            params = jax.device_put(params, self.state_shardings["params"])
             logging.info("initialised params from %s", self.config.init_from)
-        with jax.set_mesh(self.mesh):
-            state = jax.jit(init, out_shardings=self.replicated)(rng, params)
-        return state
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+            return jax.jit(self._init_fn(), out_shardings=self.state_shardings)(rng, params)
 
     def _eval(self, params, eval_fn) -> dict[str, float]:
         it = iter(self._dataset("validation", train=False))
@@ -154,19 +170,17 @@ class Trainer:
         if self.is_main:
             with open(os.path.join(self.workdir, "config.json"), "w", encoding="utf-8") as f:
                 f.write(config.to_json_best_effort(indent=2))
-        state = self._initial_state()
         data_iter = iterate(self._dataset("train", train=True))
         ckpts = checkpoint.TrainCheckpoints(
             os.path.join(self.workdir, "checkpoints"), keep=config.checkpoint.keep or None
         )
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
-        restored = ckpts.restore_latest(abstract, data_iter)
+        restored = ckpts.restore_latest(self._abstract_state(), data_iter, model=config.model.to_dict())
         if restored is not None:
             step0, state = restored
             logging.info("resumed from the checkpoint at step %d", step0)
             self.writer.truncate_after(step0)
         else:
-            step0 = 0
+            step0, state = 0, self._initial_state()
         step_fn = jax.jit(
             functools.partial(
                 steps.train_step,
@@ -175,9 +189,15 @@ class Trainer:
                 schedule=self.schedule,
                 micro_batches=self.micro_batches,
             ),
+            in_shardings=(self.state_shardings, self.batch_sharding),
+            out_shardings=(self.state_shardings, self.replicated),
             donate_argnums=(0,),
         )
-        eval_fn = jax.jit(functools.partial(steps.eval_step, cfg=self.cfg))
+        eval_fn = jax.jit(
+            functools.partial(steps.eval_step, cfg=self.cfg),
+            in_shardings=(self.state_shardings["params"], self.batch_sharding),
+            out_shardings=self.replicated,
+        )
         config_json = json.loads(config.to_json_best_effort())
         last: dict[str, float] = {}
         window_tokens, window_start, window_steps = 0.0, time.perf_counter(), 0
@@ -185,7 +205,7 @@ class Trainer:
             total=t.max_steps, initial=step0, desc="train", unit="step", disable=not (t.progress and self.is_main)
         )
         step = step0
-        with _Stop() as stop, jax.set_mesh(self.mesh):
+        with _Stop() as stop, jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
             while step < t.max_steps:
                 batch = to_global_arrays(next(data_iter), self.batch_sharding)
                 state, out = step_fn(state, batch)
@@ -259,6 +279,7 @@ def main(argv):
     config = _CONFIG.value
     if config is None:
         raise app.UsageError("--config=configs/<name>.py is required")
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     name = os.path.splitext(os.path.basename(config_flags.get_config_filename(flags.FLAGS["config"])))[0]
     workdir = _WORKDIR.value or os.path.join("workdirs", name)
     logging.info("workdir: %s", os.path.abspath(workdir))

@@ -342,29 +342,39 @@ def make_dataset(
     shuffle: bool | None = None,
     stats: formats.FormatStats | None = None,
 ) -> grain.IterDataset:
-    """This process's batches: dicts of [global_batch / process_count, seq_len] int32 arrays.
+    """This process's batches: dicts of [global_batch / process_count, seq_len] int32 arrays,
+    stream blocks in stream order.
 
     ``stats`` (if given) counts examples, truncations and drops as batches are drawn."""
     streams, rows = stream_layout(global_batch, cfg.num_streams, process_index, process_count)
     num_streams = cfg.num_streams or process_count
-    parts = [
-        packed_rows(
-            cfg,
-            tok,
-            split=split,
-            seq_len=seq_len,
-            seed=seed,
-            stream=s,
-            num_streams=num_streams,
-            shuffle=shuffle,
-            repeat=repeat,
-            stats=stats,
-        ).batch(rows, drop_remainder=True)
-        for s in streams
-    ]
-    if len(parts) == 1:
-        return parts[0]
-    return grain.experimental.ZipIterDataset(parents=parts).map(_concat_rows)
+    return Batches(
+        {
+            s: packed_rows(
+                cfg,
+                tok,
+                split=split,
+                seq_len=seq_len,
+                seed=seed,
+                stream=s,
+                num_streams=num_streams,
+                shuffle=shuffle,
+                repeat=repeat,
+                stats=stats,
+            ).batch(rows, drop_remainder=True)
+            for s in streams
+        }
+    )
+
+
+class Batches:
+    """This process's streams of row blocks; iterating gives its batches (a ``DataIterator``)."""
+
+    def __init__(self, streams: dict[int, grain.IterDataset]):
+        self.streams = streams
+
+    def __iter__(self) -> DataIterator:
+        return DataIterator(self)
 
 
 def to_global_arrays(batch: dict, sharding) -> dict:
@@ -375,38 +385,63 @@ def to_global_arrays(batch: dict, sharding) -> dict:
 
 
 class DataIterator:
-    """The iterator of a pipeline, with a state that survives JSON, as checkpoints store it.
+    """Batches of this process's streams, with a state keyed by global stream index.
 
-    grain's packers keep (start, stop) tuples in their state, which JSON turns into lists that
-    ``set_state`` then misreads (at the start of a shuffle window, resuming gave other rows); this
-    wrapper restores the tuples. ``get_state`` returns JSON bytes, the form grain's orbax handler
-    saves for iterators that are not its own.
+    The state is JSON (what checkpoints store) and says where each stream is, so a checkpoint's
+    state, gathered from every process (``global_state``), restores into any process count that
+    splits the same streams. grain's packers keep (start, stop) tuples in their state, which JSON
+    turns into lists that ``set_state`` then misreads; they are turned back into tuples here.
     """
 
-    def __init__(self, dataset: grain.IterDataset):
-        self._it = iter(dataset)
+    def __init__(self, batches: Batches):
+        self._its = {s: iter(ds) for s, ds in sorted(batches.streams.items())}
 
     def __iter__(self) -> DataIterator:
         return self
 
     def __next__(self) -> dict:
-        return next(self._it)
+        blocks = [next(it) for it in self._its.values()]
+        return blocks[0] if len(blocks) == 1 else _concat_rows(blocks)
 
-    def get_state(self) -> bytes:
-        return json.dumps(self._it.get_state()).encode()
+    def get_state(self) -> dict:
+        return {"streams": {str(s): it.get_state() for s, it in self._its.items()}}
 
     def set_state(self, state: bytes | str | dict) -> None:
         if isinstance(state, bytes | str):
             state = json.loads(state)
-        self._it.set_state(_retuple(state))
+        streams = state.get("streams", {})
+        missing = [s for s in self._its if str(s) not in streams]
+        if missing:
+            raise ValueError(
+                f"data state has no position for stream(s) {missing} (it holds streams {sorted(streams, key=int)}); "
+                "was it saved with another config.data.num_streams?"
+            )
+        for s, it in self._its.items():
+            it.set_state(_retuple(streams[str(s)]))
 
-    def start_prefetch(self) -> None:
-        if hasattr(self._it, "start_prefetch"):
-            self._it.start_prefetch()
+    def global_state(self) -> dict:
+        """Every process's stream positions, merged (a collective: all processes must call it)."""
+        local = self.get_state()
+        import jax
+
+        if jax.process_count() == 1:
+            return local
+        from jax.experimental import multihost_utils
+
+        data = np.frombuffer(json.dumps(local).encode(), np.uint8)
+        sizes = np.asarray(multihost_utils.process_allgather(np.array([data.size], np.int64))).reshape(-1)
+        padded = np.zeros(int(sizes.max()), np.uint8)
+        padded[: data.size] = data
+        everyone = np.asarray(multihost_utils.process_allgather(padded))
+        merged: dict = {}
+        for p, n in enumerate(sizes):
+            merged.update(json.loads(bytes(everyone[p, : int(n)]))["streams"])
+        return {"streams": merged}
 
     def close(self) -> None:
-        if hasattr(self._it, "close"):
-            self._it.close()
+        for it in self._its.values():
+            if hasattr(it, "close"):
+                it.close()
 
 
 def _retuple(state):
@@ -422,9 +457,9 @@ def _retuple(state):
     return state
 
 
-def iterate(dataset: grain.IterDataset, state: bytes | dict | None = None) -> DataIterator:
-    """An iterator over ``dataset``, optionally resumed from a saved state."""
-    it = DataIterator(dataset)
+def iterate(batches: Batches, state: bytes | dict | None = None) -> DataIterator:
+    """An iterator over ``batches``, optionally resumed from a saved state."""
+    it = DataIterator(batches)
     if state is not None:
         it.set_state(state)
     return it
