@@ -274,6 +274,10 @@ def main(argv: list[str] | None = None) -> list[Cell]:
     )
     parser.add_argument("--interpret", action="store_true", default=None, help="Pallas interpret mode")
     parser.add_argument("--skip-verify", action="store_true")
+    parser.add_argument("--skip-train", action="store_true", help="skip the train-step comparison")
+    parser.add_argument("--train-config", default="1b", help="config for the train-step comparison")
+    parser.add_argument("--train-seq-len", type=int, default=2048)
+    parser.add_argument("--train-batch", type=int, default=4)
     parser.add_argument("--verbose", action="store_true", help="print tracebacks of failed cells")
     args = parser.parse_args(argv)
     for impl in args.impls:
@@ -298,10 +302,73 @@ def main(argv: list[str] | None = None) -> list[Cell]:
     cells = bench_attention(args)
     if not cells:
         raise SystemExit("no backend left to time (see --impls)")
-    # (A training-step comparison per impl, e.g. the 1b config, goes here as its own function.)
     print()
     print(markdown_table(cells, device, args.dtype))
+    if not args.skip_train:
+        print()
+        print(bench_train_step(args, device))
     return cells
+
+
+def bench_train_step(args, device: str) -> str:
+    """One optimizer step of a config (configs/1b.py; the tiny one with --smoke) per attention impl:
+    tokens/s and MFU (model FLOPs per token as in docs/training.md, against the device's peak)."""
+    import importlib.util
+    import os
+    import time
+
+    from mpt_jax import metrics, optim, steps
+    from mpt_jax.run_config import model_config
+
+    name = "tiny" if args.smoke else args.train_config
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location(name, os.path.join(root, "configs", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    seq_len = 64 if args.smoke else args.train_seq_len
+    batch = 2 if args.smoke else args.train_batch
+    base = model_config(config).replace(max_seq_len=max(seq_len, config.model.max_seq_len))
+    optimizer = optim.make_optimizer(config.optimizer, optim.schedule_config(name="constant"), max_steps=1000)
+    schedule = optim.make_schedule(optim.schedule_config(name="constant"), lr=config.optimizer.lr, max_steps=1000)
+    tokens = jax.random.randint(jax.random.key(0), (batch, seq_len), 0, base.vocab_size)
+    data = {
+        "tokens": tokens,
+        "segment_ids": jnp.ones_like(tokens),
+        "positions": jnp.broadcast_to(jnp.arange(seq_len), tokens.shape),
+        "loss_mask": jnp.ones_like(tokens),
+    }
+    peak = metrics.peak_flops_per_device()
+    rows = [
+        f"One train step of configs/{name}.py on {device}: batch {batch} x {seq_len}, {base.dtype} compute, "
+        f"remat {base.remat_policy}, {args.iters} timed steps",
+        "",
+        "| attention | tokens/s | step ms | MFU |",
+        "|---|---|---|---|",
+    ]
+    for impl in [i for i in args.impls if i in ("xla", "pallas", "cudnn")]:
+        cfg = base.replace(attn_impl=impl)
+        try:
+            state = jax.jit(lambda r, cfg=cfg: steps.init_state(cfg, optimizer, r))(jax.random.key(1))
+            step = jax.jit(
+                lambda s, b, cfg=cfg: steps.train_step(s, b, cfg=cfg, optimizer=optimizer, schedule=schedule),
+                donate_argnums=(0,),
+            )
+            for _ in range(max(1, args.warmup)):
+                state, m = step(state, data)
+            jax.block_until_ready(m["loss"])
+            start = time.perf_counter()
+            for _ in range(args.iters):
+                state, m = step(state, data)
+            jax.block_until_ready(m["loss"])
+            dt = (time.perf_counter() - start) / args.iters
+            rate = batch * seq_len / dt
+            mfu = metrics.mfu(rate, metrics.flops_per_token(cfg, seq_len), 1, peak)
+            rows.append(f"| {impl} | {rate:,.0f} | {dt * 1e3:.1f} | {'n/a' if mfu is None else f'{mfu:.1%}'} |")
+            del state
+        except Exception as e:  # noqa: BLE001 - one impl failing (OOM, lowering) must not stop the table
+            rows.append(f"| {impl} | {type(e).__name__}: {str(e)[:80]} | | |")
+    return "\n".join(rows)
 
 
 if __name__ == "__main__":

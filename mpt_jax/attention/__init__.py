@@ -14,6 +14,7 @@ Backends (``IMPLS``):
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -106,18 +107,10 @@ def attend(
             f"attend: impl={impl!r} has no attention dropout (dropout_rate={dropout_rate}); use impl='xla'"
         )
     if impl == "pallas" and q.shape[1] > 1:
-        return flash_attention(
-            q,
-            k,
-            v,
-            causal=causal,
-            alibi_slopes=alibi_slopes,
-            q_segment_ids=q_seg,
-            kv_segment_ids=kv_seg,
-            softmax_scale=scale,
-            block_sizes=block_sizes,
-            interpret=interpret,
+        kernel = functools.partial(
+            flash_attention, causal=causal, softmax_scale=scale, block_sizes=block_sizes, interpret=interpret
         )
+        return _on_mesh(kernel, q, k, v, alibi_slopes, q_seg, kv_seg)
     if impl == "cudnn":
         if not on_gpu:
             raise ValueError(
@@ -170,4 +163,47 @@ def _attend_cudnn(q, k, v, *, causal, alibi_slopes, q_seg, kv_seg, scale) -> jax
         scale=scale,
         is_causal=use_is_causal,
         implementation="cudnn",
+    )
+
+
+def _on_mesh(kernel, q, k, v, slopes, q_seg, kv_seg) -> jax.Array:
+    """Runs a kernel per shard when a (data, fsdp, tensor) mesh is active (``jax.set_mesh``).
+
+    XLA cannot split a custom kernel itself (it would gather every input onto each device), so
+    under a mesh the kernel runs in ``jax.shard_map``: rows split over data x fsdp, heads over
+    tensor when both query and kv heads divide (each shard then takes the ALiBi slopes of its
+    global head indices). Without a mesh, or on one device, the kernel runs as is.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    names = getattr(mesh, "axis_names", ()) or ()
+    if not names or math.prod(mesh.shape[a] for a in names) == 1:
+        return kernel(q, k, v, alibi_slopes=slopes, q_segment_ids=q_seg, kv_segment_ids=kv_seg)
+    from jax.sharding import PartitionSpec as P
+
+    rows = tuple(a for a in ("data", "fsdp") if a in names and mesh.shape[a] > 1)
+    rows_size = math.prod(mesh.shape[a] for a in rows)
+    if not rows or q.shape[0] % rows_size:
+        rows = ()
+    t = mesh.shape["tensor"] if "tensor" in names else 1
+    heads = "tensor" if t > 1 and q.shape[2] % t == 0 and k.shape[2] % t == 0 else None
+    row_spec = rows if rows else None
+    qkv_spec = P(row_spec, None, heads, None)
+    seg_spec = P(row_spec, None)
+    n_local = q.shape[2] // (t if heads else 1)
+
+    def local(q, k, v, slopes, q_seg, kv_seg):
+        if slopes is not None and heads:
+            slopes = jax.lax.dynamic_slice(slopes, (jax.lax.axis_index("tensor") * n_local,), (n_local,))
+        return kernel(q, k, v, alibi_slopes=slopes, q_segment_ids=q_seg, kv_segment_ids=kv_seg)
+
+    specs = (
+        qkv_spec,
+        qkv_spec,
+        qkv_spec,
+        None if slopes is None else P(),
+        None if q_seg is None else seg_spec,
+        None if kv_seg is None else seg_spec,
+    )
+    return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=qkv_spec, check_vma=False)(
+        q, k, v, slopes, q_seg, kv_seg
     )
