@@ -273,7 +273,11 @@ def test_tiny_chat_finetunes_from_workdir_hf_and_converted(straight, stdlib_data
     )
     bad = run(
         train_cmd(
-            str(tmp_path / "bad"), stdlib_data_dir, f"--config.init_from={small_vocab}", config="configs/tiny_chat.py"
+            str(tmp_path / "bad"),
+            stdlib_data_dir,
+            f"--config.init_from={small_vocab}",
+            f"--config.data.source=files:{chat}",
+            config="configs/tiny_chat.py",
         )
     )
     assert bad.returncode != 0 and "do not fit config.model" in bad.stderr and "vocab_size=100" in bad.stderr

@@ -176,7 +176,8 @@ def _on_mesh(kernel, q, k, v, slopes, q_seg, kv_seg) -> jax.Array:
     """
     mesh = jax.sharding.get_abstract_mesh()
     names = getattr(mesh, "axis_names", ()) or ()
-    if not names or math.prod(mesh.shape[a] for a in names) == 1:
+    inside_shard_map = bool(getattr(mesh, "manual_axes", ()))  # the caller already split the work
+    if not names or inside_shard_map or math.prod(mesh.shape[a] for a in names) == 1:
         return kernel(q, k, v, alibi_slopes=slopes, q_segment_ids=q_seg, kv_segment_ids=kv_seg)
     from jax.sharding import PartitionSpec as P
 

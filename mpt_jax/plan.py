@@ -1,0 +1,634 @@
+"""Per-device memory of a training run, before anything is allocated, and the meshes that fit.
+
+    python -m mpt_jax.plan --config=configs/30b.py --devices=64 --device_memory_gb=80 \
+        [--config.train.micro_batch_size=64 ...] [--compile]
+
+Prints, per device: params, optimizer state, gradients, activations (for the configured remat
+policy and micro-batch), a margin for XLA's temporaries, the total and whether it fits; then every
+(data, fsdp, tensor) mesh of ``--devices`` that the config allows, with its total, the configured
+one marked. ``--compile`` also lowers and compiles the real train step on abstract inputs (nothing
+is allocated) over the devices it finds, or over forced CPU devices when there are too few, and
+prints XLA's own per-device numbers next to the estimate.
+
+Params, optimizer state and gradients are counted leaf by leaf: each leaf's size divided by the
+mesh axes that its PartitionSpec (``sharding._spec_for`` with the config's rules) shards it over,
+on a ``jax.sharding.AbstractMesh`` of the requested shape, so no devices are needed and the counts
+are what ``jax.jit`` will place on a device. Activations follow an analytic per-layer formula
+(``activation_bytes``; docs/sharding.md, "Memory planner", writes it out and states how close it
+comes to XLA's buffer assignment).
+
+Python:
+
+    from mpt_jax import plan
+    report = plan.plan(config, devices=64, device_memory_gb=80.0)   # dict: estimate, fits, meshes, ...
+    sizes = plan.estimate(config, (1, 64, 1))                       # dict of bytes per device
+    xla = plan.compile_report(config, (1, 8, 1))                    # XLA's memory_analysis, compile time
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import resource
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from absl import logging
+from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec
+
+from mpt_jax import optim, run_config, sharding
+from mpt_jax.config import MPTConfig
+from mpt_jax.model import param_shapes
+
+GiB = 1024**3
+
+# The margin for what the formula does not itemise: XLA's temporaries for fusions, collectives'
+# buffers, layout copies, fragmentation. A fraction of gradients + activations (see the docs for
+# how it was chosen against XLA's buffer assignment).
+DEFAULT_MARGIN = 0.15
+
+# ------------------------------------------------------------------------------------------------
+# Exact sharded sizes of params and optimizer state.
+
+
+def _abstract_mesh(mesh_shape: Sequence[int]) -> AbstractMesh:
+    shape = tuple(int(s) for s in mesh_shape)
+    if len(shape) != 3 or any(s < 1 for s in shape):
+        raise ValueError(f"mesh shape must be three positive sizes (data, fsdp, tensor), got {mesh_shape!r}")
+    return AbstractMesh(shape, sharding.AXES)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Model:
+    """What the planner needs of a config's model, traced once (param_shapes of 30B takes ~1 s)."""
+
+    cfg: MPTConfig
+    boxed: Any  # param_shapes(cfg): ShapeDtypeStructs in nn.Partitioned boxes
+    params: Any  # unboxed ShapeDtypeStructs
+    opt_state: Any  # jax.eval_shape(optimizer.init, params)
+    optimizer: optax.GradientTransformation
+
+
+@functools.lru_cache(maxsize=8)
+def _model(cfg: MPTConfig, optimizer_key: tuple) -> _Model:
+    optimizer = optim.make_optimizer(dict(optimizer_key), {"name": "constant"}, max_steps=1)
+    boxed = param_shapes(cfg)
+    params = nn.meta.unbox(boxed)
+    return _Model(cfg, boxed, params, jax.eval_shape(optimizer.init, params), optimizer)
+
+
+def _model_of(config) -> _Model:
+    cfg = run_config.model_config(config)
+    # The schedule does not change the optimizer state's structure; only the optimizer section does.
+    opt = config.optimizer.to_dict() if hasattr(config.optimizer, "to_dict") else dict(config.optimizer)
+    return _model(cfg, tuple(sorted(opt.items())))
+
+
+def _param_shardings(model: _Model, mesh, rules):
+    """sharding.param_shardings without re-tracing the model for every mesh (same rules, same specs)."""
+
+    def one(leaf):
+        if isinstance(leaf, nn.Partitioned):
+            return NamedSharding(mesh, sharding._spec_for(leaf.value.shape, leaf.names, mesh, rules))
+        return NamedSharding(mesh, PartitionSpec())
+
+    return jax.tree.map(one, model.boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+def _state_shardings(model: _Model, mesh, rules):
+    """sharding.state_shardings, from the cached shapes: moments follow their params."""
+    params = _param_shardings(model, mesh, rules)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    opt = optax.tree_map_params(
+        model.optimizer, lambda _, s: s, model.opt_state, params, transform_non_params=lambda _: replicated
+    )
+    return {"step": replicated, "params": params, "opt_state": opt, "rng": replicated}
+
+
+def _device_bytes(tree, shardings, dtype=None) -> int:
+    """Bytes one device holds of ``tree`` (ShapeDtypeStructs) placed with ``shardings``."""
+
+    def one(x, s):
+        itemsize = jnp.dtype(dtype or x.dtype).itemsize
+        return math.prod(s.shard_shape(x.shape)) * itemsize
+
+    return int(sum(jax.tree.leaves(jax.tree.map(one, tree, shardings))))
+
+
+# ------------------------------------------------------------------------------------------------
+# Activations.
+
+
+def _split(n: int, ways: int) -> int:
+    """A dimension of n over a mesh axis of ``ways``: split if it divides, else replicated (as _spec_for)."""
+    return n // ways if ways > 1 and n % ways == 0 else n
+
+
+def attention_path(cfg: MPTConfig, platform: str = "gpu") -> str:
+    """How the config's attention runs on ``platform``: ``xla`` (materialised [T, T] scores),
+    ``flash`` (the pallas kernels: nothing [T, T]) or ``cudnn`` (flash, plus a materialised bias)."""
+    impl = cfg.attn_impl
+    if impl == "auto":
+        return "flash" if platform == "gpu" and cfg.attn_pdrop == 0.0 else "xla"
+    return {"pallas": "flash", "cudnn": "cudnn"}.get(impl, "xla")
+
+
+def activation_bytes(
+    cfg: MPTConfig,
+    rows: int,
+    seq_len: int,
+    tensor: int = 1,
+    *,
+    platform: str = "gpu",
+    saved_weight_bytes: int = 0,
+    head_weight_bytes: int = 0,
+    layer_transient_bytes: int = 0,
+    head_transient_bytes: int = 0,
+) -> dict[str, int]:
+    """Bytes one device holds for the backward pass of one micro-batch (the formula in docs/sharding.md).
+
+    ``rows``: micro-batch rows on this device; ``tensor``: the tensor-parallel degree (heads, MLP
+    and vocabulary split over it, the [tokens, d_model] stream replicated); ``platform`` resolves
+    ``attn_impl="auto"``. Weight-sized terms come from the sharded params (``estimate`` computes
+    them): ``saved_weight_bytes``, what the ``none`` policy saves of one layer's kernels;
+    ``head_weight_bytes``, the tied table cast to the compute dtype; ``layer_transient_bytes`` /
+    ``head_transient_bytes``, one layer's (the table's) gathered weights and unreduced gradients.
+
+    Returns ``act_saved`` (every layer's residuals), ``act_layer`` (one layer's backward: what remat
+    recomputes, the gradient work, the layer's gathered weights and gradients) and ``act_head``
+    (final norm, logits, the loss' softmax and the logits' gradient).
+    """
+    c = jnp.dtype(cfg.dtype).itemsize
+    f32 = 4
+    d, T, L = cfg.d_model, seq_len, cfg.n_layers
+    n = rows * T  # tokens on this device
+    q = _split(cfg.n_heads, tensor) * cfg.head_dim
+    kv = _split(cfg.num_kv_heads, tensor) * cfg.head_dim
+    heads = _split(cfg.n_heads, tensor)
+    ffn = _split(cfg.ffn_dim, tensor)
+    vocab = _split(cfg.vocab_size, tensor)
+    glu = cfg.ffn_type == "mptglu"
+    path = attention_path(cfg, platform)
+    # Only the xla path materialises the [rows, heads, T, T] scores (float32).
+    scores = rows * heads * T * T if path == "xla" else 0
+
+    # What one layer saves without remat (jax's residuals; tests/test_plan.py checks them exactly).
+    norms = 2 * (3 * f32 * n * d + 2 * f32 * n + f32 * d)  # x - mean, normalised, scaled (f32), stats, scale
+    # Inputs of the matmuls: the normed x once per projection that reads it (Wqkv, or Wq and Wkv;
+    # up, or up and gate), and the attention output into out_proj.
+    n_in = (1 if cfg.attn_type == "multihead_attention" else 2) + (2 if glu else 1)
+    linear_in = c * n * (n_in * d + q)
+    qkv = c * n * (q + 2 * kv)  # q, k, v (into the einsums, or the kernel)
+    if cfg.clip_qkv is not None:  # clip = max then min: each keeps its input
+        qkv += 2 * c * n * (q + 2 * kv)
+    if cfg.qk_ln:  # LayerNorms over q's and k's features, saved as the block's norms are
+        qkv += 3 * f32 * n * (q + kv) + 4 * f32 * n + f32 * (q + kv)
+    if path == "xla":  # the float32 softmax, its compute-dtype copy, two row statistics
+        attn = (f32 + c) * scores + 2 * f32 * rows * heads * T
+    else:  # a flash kernel keeps its output and the float32 log-sum-exp; cuDNN also the ALiBi bias
+        attn = c * n * q + f32 * rows * heads * T + (c * heads * T * T if path == "cudnn" and cfg.alibi else 0)
+    mlp = (6 if glu else 4) * c * n * ffn  # up (and gate) outputs, the activation's input and output
+    none = norms + linear_in + qkv + attn + mlp + saved_weight_bytes
+
+    carry = c * n * d  # the residual stream entering the layer
+    dots_no_batch = carry + c * n * (q + 2 * kv) + c * n * d + (2 if glu else 1) * c * n * ffn
+    dots = dots_no_batch + (f32 * scores + f32 * n * q if path == "xla" else 0)  # + the attention einsums
+    saved = {"none": none, "full": carry, "dots": dots, "dots_no_batch": dots_no_batch}[cfg.remat_policy]
+
+    # One layer's backward: the recomputed forward (remat policies), the scores' (or the kernel's
+    # dq, dk, dv) gradients and a few float32 cotangents, and the layer's gathered weights and
+    # whole gradients.
+    work = 2 * f32 * n * d + f32 * n * ffn + (f32 * scores if path == "xla" else f32 * n * (q + 2 * kv))
+    layer = work + (0 if cfg.remat_policy == "none" else none) + layer_transient_bytes
+
+    # Final LayerNorm; float32 logits [rows, T, vocab], the loss' softmax and the logits' gradient.
+    head = 3 * f32 * n * d + c * n * d + 3 * f32 * n * vocab + head_weight_bytes + head_transient_bytes
+    return {"act_saved": L * saved, "act_layer": layer, "act_head": head}
+
+
+# ------------------------------------------------------------------------------------------------
+# The estimate.
+
+
+def _rows_per_device(config, mesh_shape) -> tuple[int, int]:
+    """(micro-batch rows per device per accumulation step, number of accumulation steps)."""
+    t = config.train
+    micro = int(t.micro_batch_size or t.global_batch_size)
+    batch_ways = int(mesh_shape[0]) * int(mesh_shape[1])
+    return -(-micro // batch_ways), max(1, int(t.global_batch_size) // micro)
+
+
+def estimate(
+    config, mesh_shape: Sequence[int], *, margin: float = DEFAULT_MARGIN, rules=None, platform: str = "gpu"
+) -> dict[str, int]:
+    """Bytes per device of one train step of ``config`` on a (data, fsdp, tensor) mesh.
+
+    Keys: ``params``, ``opt_state``, ``batch`` (exact, leaf by leaf, from the sharding rules;
+    ``batch`` is the batch arrays the step reads plus the step counter and rng key), ``grads``
+    (float32, sharded as the params; twice that when accumulating micro-batches: the sum and one
+    micro-batch's), ``act_saved``, ``act_layer``, ``act_head`` (``activation_bytes``),
+    ``activations`` (``act_saved + max(act_layer, act_head)``: the logits are dead before the
+    layers' backward starts), ``margin`` (``margin`` x (grads + activations)) and ``total``.
+    """
+    model = _model_of(config)
+    cfg = model.cfg
+    rules = sharding.rules_from_config(config) if rules is None else rules
+    shape = tuple(int(s) for s in mesh_shape)
+    state = _state_shardings(model, _abstract_mesh(shape), rules)
+    shardings = state["params"]
+    # The same params split only by the tensor axis: what a device sees of a gathered weight.
+    whole = _param_shardings(model, _abstract_mesh((1, 1, shape[2])), rules)
+    params = _device_bytes(model.params, shardings)
+    opt_state = _device_bytes(model.opt_state, state["opt_state"])
+    rows, steps = _rows_per_device(config, shape)
+    length = run_config.seq_len(config)
+    grads = _device_bytes(model.params, shardings, jnp.float32) * (2 if steps > 1 else 1)
+
+    c = jnp.dtype(cfg.dtype).itemsize
+    layers = cfg.n_layers
+    blocks, blocks_sh = model.params["blocks"], shardings["blocks"]
+    wte, wte_sh = model.params["wte"], shardings["wte"]
+    if c != jnp.dtype(cfg.param_dtype).itemsize:
+        # The none policy saves every kernel cast to the compute dtype; so does the tied head.
+        matmuls = ("attn", "ffn")
+        saved_w = _device_bytes({k: blocks[k] for k in matmuls}, {k: blocks_sh[k] for k in matmuls}, cfg.dtype)
+        saved_w //= layers
+        head_w = _device_bytes(wte, wte_sh, cfg.dtype)
+    else:
+        # Without a cast, only the fused attention kernels' 2-D reshapes are new arrays to save.
+        fused = [k for k in blocks["attn"] if k in ("Wqkv", "Wq", "Wkv", "out_proj")]
+        saved_w = _device_bytes({k: blocks["attn"][k] for k in fused}, {k: blocks_sh["attn"][k] for k in fused})
+        saved_w //= layers
+        head_w = 0
+    # One layer's float32 weight gradients exist whole (split only by tensor) before they are
+    # stored or reduce-scattered; sharded kernels are also all-gathered, in the compute dtype. The
+    # sharded tied table adds one whole float32 copy (gathered table or its unreduced gradient).
+    layer_f32 = _device_bytes(blocks, whole["blocks"], jnp.float32) // layers
+    layer_transient = layer_f32
+    if _device_bytes(blocks, blocks_sh) < _device_bytes(blocks, whole["blocks"]):
+        layer_transient += layer_f32 * c // 4
+    head_transient = 0
+    if _device_bytes(wte, wte_sh) < _device_bytes(wte, whole["wte"]):
+        head_transient = _device_bytes(wte, whole["wte"], jnp.float32)
+    act = activation_bytes(
+        cfg,
+        rows,
+        length,
+        shape[2],
+        platform=platform,
+        saved_weight_bytes=saved_w,
+        head_weight_bytes=head_w,
+        layer_transient_bytes=layer_transient,
+        head_transient_bytes=head_transient,
+    )
+    activations = act["act_saved"] + max(act["act_layer"], act["act_head"])
+    # jit drops batch arrays the step does not read: tokens and loss_mask are always read.
+    used = 2 + int(cfg.attn_uses_sequence_id) + int(cfg.uses_learned_pos_emb)
+    batch_rows = -(-int(config.train.global_batch_size) // (shape[0] * shape[1]))
+    batch = used * 4 * batch_rows * length + 4 + 8  # int32 arrays, the step counter, the rng key
+    out = {
+        "params": params,
+        "opt_state": opt_state,
+        "batch": batch,
+        "grads": grads,
+        **act,
+        "activations": activations,
+        "margin": int(margin * (grads + activations)),
+    }
+    out["total"] = params + opt_state + batch + grads + activations + out["margin"]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Meshes and the plan.
+
+
+def mesh_problems(config, mesh_shape: Sequence[int]) -> list[str]:
+    """Why ``config`` cannot run on a (data, fsdp, tensor) mesh (empty if it can)."""
+    data, fsdp, tensor = (int(s) for s in mesh_shape)
+    cfg = run_config.model_config(config)
+    t = config.train
+    problems = []
+    if cfg.n_heads % tensor:
+        problems.append(f"model.n_heads={cfg.n_heads} is not divisible by tensor={tensor}")
+    if cfg.ffn_dim % tensor:
+        problems.append(f"the ffn hidden size {cfg.ffn_dim} is not divisible by tensor={tensor}")
+    for axis, size in zip(sharding.AXES, (data, fsdp, tensor), strict=True):
+        dcn = int(config.mesh.get(f"dcn_{axis}", 1))
+        if size % dcn:
+            problems.append(f"mesh.dcn_{axis}={dcn} does not divide {axis}={size}")
+    if t.global_batch_size % (data * fsdp):
+        problems.append(f"train.global_batch_size={t.global_batch_size} is not divisible by data x fsdp={data * fsdp}")
+    micro = t.micro_batch_size or t.global_batch_size
+    if t.global_batch_size % micro:
+        problems.append(f"train.micro_batch_size={micro} does not divide global_batch_size={t.global_batch_size}")
+    elif micro % (data * fsdp):
+        problems.append(f"train.micro_batch_size={micro} is not divisible by data x fsdp={data * fsdp}")
+    return problems
+
+
+def mesh_shapes(n_devices: int) -> list[tuple[int, int, int]]:
+    """Every (data, fsdp, tensor) whose product is ``n_devices``."""
+    if n_devices < 1:
+        raise ValueError(f"--devices={n_devices}: must be positive")
+    out = []
+    for data in range(1, n_devices + 1):
+        if n_devices % data:
+            continue
+        rest = n_devices // data
+        for fsdp in range(1, rest + 1):
+            if rest % fsdp == 0:
+                out.append((data, fsdp, rest // fsdp))
+    return out
+
+
+def plan(
+    config, devices: int, device_memory_gb: float, *, margin: float = DEFAULT_MARGIN, platform: str = "gpu"
+) -> dict[str, Any]:
+    """The estimate on the configured mesh for ``devices`` devices of ``device_memory_gb`` GiB each.
+
+    Raises ValueError (naming the key and value) when the config cannot run on that many devices:
+    a mesh that does not multiply to ``devices``, heads not divisible by ``tensor``, a batch not
+    divisible by data x fsdp. Returns a dict: ``devices``, ``device_memory_bytes``, ``mesh`` (the
+    configured one), ``estimate`` (``estimate(...)``), ``fits``, ``rows_per_device``,
+    ``micro_batches``, ``max_micro_batch_size`` (the largest micro-batch that fits on the configured
+    mesh, 0 if none), ``attention`` (``attention_path``: ``platform`` resolves ``attn_impl="auto"``)
+    and ``meshes``: every valid mesh of ``devices`` with its ``estimate``, ``total``, ``fits`` and
+    ``configured``, smallest total first.
+    """
+    if device_memory_gb <= 0:
+        raise ValueError(f"--device_memory_gb={device_memory_gb}: must be positive")
+    shape = run_config.mesh_shape(config, devices)
+    run_config.check(config, devices)
+    limit = int(device_memory_gb * GiB)
+    est = estimate(config, shape, margin=margin, platform=platform)
+    rows, steps = _rows_per_device(config, shape)
+    meshes = []
+    for candidate in mesh_shapes(devices):
+        if mesh_problems(config, candidate):
+            continue
+        e = est if candidate == shape else estimate(config, candidate, margin=margin, platform=platform)
+        meshes.append({"mesh": candidate, "estimate": e, "total": e["total"], "fits": e["total"] <= limit})
+        meshes[-1]["configured"] = candidate == shape
+    meshes.sort(key=lambda m: (m["total"], m["mesh"]))
+    return {
+        "devices": devices,
+        "device_memory_bytes": limit,
+        "mesh": shape,
+        "estimate": est,
+        "fits": est["total"] <= limit,
+        "rows_per_device": rows,
+        "micro_batches": steps,
+        "max_micro_batch_size": _max_micro_batch(config, shape, limit, margin, platform),
+        "attention": attention_path(run_config.model_config(config), platform),
+        "meshes": meshes,
+    }
+
+
+def _max_micro_batch(config, shape, limit: int, margin: float, platform: str) -> int:
+    """The largest train.micro_batch_size that divides the global batch, splits over data x fsdp and fits."""
+    t = config.train
+    ways = shape[0] * shape[1]
+    best = 0
+    for micro in range(ways, t.global_batch_size + 1, ways):
+        if t.global_batch_size % micro:
+            continue
+        trial = config.copy_and_resolve_references()
+        trial.train.micro_batch_size = micro
+        # Not monotonic: accumulating (micro < global) holds a second set of gradients.
+        if estimate(trial, shape, margin=margin, platform=platform)["total"] <= limit:
+            best = micro
+    return best
+
+
+# ------------------------------------------------------------------------------------------------
+# Checking against XLA: compile the real train step on abstract inputs.
+
+
+def compile_report(config, mesh_shape: Sequence[int], devices=None, *, rules=None) -> dict[str, Any]:
+    """Lower and compile ``steps.train_step`` for ``config`` on a mesh of real (or forced CPU) devices.
+
+    Nothing is allocated: the state is ``jax.eval_shape(init_state)`` and every input a
+    ``jax.ShapeDtypeStruct`` carrying its sharding; the state is donated, as in train.py. Returns
+    XLA's per-device ``memory_analysis()`` sizes (``argument``, ``output``, ``alias``, ``temp``,
+    ``generated_code`` in bytes), ``lower_s`` and ``compile_s`` (seconds), ``host_peak_rss``
+    (bytes, this process's peak so far) and ``platform``.
+    """
+    from mpt_jax import steps  # the pure step; imported here so plain planning stays light
+
+    shape = tuple(int(s) for s in mesh_shape)
+    n = math.prod(shape)
+    devices = list(jax.devices() if devices is None else devices)
+    if len(devices) < n:
+        raise ValueError(
+            f"compile_report: mesh {shape} needs {n} devices, only {len(devices)} here "
+            f"(on a CPU: XLA_FLAGS=--xla_force_host_platform_device_count={n})"
+        )
+    cfg = run_config.model_config(config)
+    rules = sharding.rules_from_config(config) if rules is None else rules
+    t = config.train
+    optimizer = optim.make_optimizer(config.optimizer, config.schedule, max_steps=t.max_steps)
+    schedule = optim.make_schedule(config.schedule, lr=config.optimizer.lr, max_steps=t.max_steps)
+    mesh = sharding.make_mesh(shape, devices=devices[:n])
+    state_sh = sharding.state_shardings(cfg, optimizer, mesh, rules)
+    batch_sh = sharding.batch_sharding(mesh)
+    abstract = jax.eval_shape(functools.partial(steps.init_state, cfg, optimizer), jax.random.key(0))
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, state_sh)
+    length = run_config.seq_len(config)
+    batch = {
+        k: jax.ShapeDtypeStruct((t.global_batch_size, length), jnp.int32, sharding=batch_sh)
+        for k in ("tokens", "segment_ids", "positions", "loss_mask")
+    }
+    micro = t.micro_batch_size or t.global_batch_size
+    step = functools.partial(
+        steps.train_step, cfg=cfg, optimizer=optimizer, schedule=schedule, micro_batches=t.global_batch_size // micro
+    )
+    replicated = NamedSharding(mesh, PartitionSpec())
+    fn = jax.jit(step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated), donate_argnums=(0,))
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        start = time.perf_counter()
+        lowered = fn.lower(abstract, batch)
+        lower_s = time.perf_counter() - start
+        start = time.perf_counter()
+        compiled = lowered.compile()
+        compile_s = time.perf_counter() - start
+    mem = compiled.memory_analysis()
+    out = {
+        "platform": devices[0].platform,
+        "mesh": shape,
+        "lower_s": lower_s,
+        "compile_s": compile_s,
+        "host_peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
+    for key in ("argument", "output", "alias", "temp", "generated_code"):
+        out[key] = int(getattr(mem, f"{key}_size_in_bytes", 0) or 0) if mem is not None else None
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# The CLI.
+
+
+def _gib(n: int | float) -> str:
+    return f"{n / GiB:,.2f}"
+
+
+def format_plan(report: dict[str, Any], config, *, name: str = "") -> str:
+    """The CLI's report: the estimate on the configured mesh, the verdict, the table of meshes."""
+    cfg = run_config.model_config(config)
+    est, shape = report["estimate"], report["mesh"]
+    t = config.train
+    length = run_config.seq_len(config)
+    micro = t.micro_batch_size or t.global_batch_size
+    n_params = sum(int(x.size) for x in jax.tree.leaves(_model_of(config).params))
+    size = f"{n_params / 1e9:.2f}B" if n_params >= 1e9 else f"{n_params / 1e6:.1f}M"
+    f32_params = est["params"] * 4 // jnp.dtype(cfg.param_dtype).itemsize
+    moments = round(est["opt_state"] / max(1, f32_params))
+    limit = report["device_memory_bytes"]
+    width = 48
+    rows = [
+        ("params", f"params ({cfg.param_dtype})"),
+        ("opt_state", f"optimizer state ({moments} float32 moment{'s' if moments != 1 else ''})"),
+        ("grads", "gradients (float32" + (", sum + one micro-batch)" if report["micro_batches"] > 1 else ")")),
+        ("activations", f"activations (remat {cfg.remat_policy})"),
+        ("act_saved", f"  saved for the backward, {cfg.n_layers} layers"),
+        ("act_layer", "  one layer's backward (peak of the layers)"),
+        ("act_head", "  final norm, logits and loss (peak of the head)"),
+        ("margin", f"XLA temporaries (margin {est['margin'] / max(1, est['grads'] + est['activations']):.0%})"),
+        ("total", "total"),
+    ]
+    lines = [
+        f"plan{' for ' + name if name else ''}: {size} params (d_model {cfg.d_model}, "
+        f"{cfg.n_layers} layers, {cfg.n_heads} heads), compute {cfg.dtype}, attention {cfg.attn_impl} "
+        f"({report['attention']})",
+        f"  {report['devices']} devices x {limit / GiB:g} GiB; mesh (data, fsdp, tensor) = {shape}",
+        f"  batch {t.global_batch_size} x {length} tokens; micro-batch {micro} rows = {report['rows_per_device']} per "
+        f"device, {report['micro_batches']} accumulation step{'s' if report['micro_batches'] != 1 else ''}",
+        "",
+        f"  {'per device':<{width}s} {'GiB':>9s}",
+    ]
+    for key, label in rows:
+        lines.append(f"  {label:<{width}s} {_gib(est[key]):>9s}")
+    verdict = "fits" if report["fits"] else "does not fit"
+    lines += ["", f"=> {verdict} in {limit / GiB:g} GiB per device ({est['total'] / limit:.0%} of it)"]
+    best = report["max_micro_batch_size"]
+    if best:
+        lines.append(f"   largest train.micro_batch_size that fits on this mesh: {best}")
+    else:
+        lines.append("   no train.micro_batch_size fits on this mesh")
+    n_fit = sum(m["fits"] for m in report["meshes"])
+    lines += [
+        "",
+        f"meshes of {report['devices']} devices that this config allows (n_heads % tensor == 0, batch and micro-batch "
+        f"% (data x fsdp) == 0): {n_fit} of {len(report['meshes'])} fit",
+        f"    {'data':>5s} {'fsdp':>5s} {'tensor':>6s} {'params':>9s} {'opt':>9s} {'grads':>9s} {'activ':>9s} "
+        f"{'total':>9s}  fits",
+    ]
+    for m in report["meshes"]:
+        e = m["estimate"]
+        mark = "*" if m["configured"] else " "
+        cells = " ".join(f"{_gib(e[k]):>9s}" for k in ("params", "opt_state", "grads", "activations", "total"))
+        lines.append(
+            f"  {mark} {m['mesh'][0]:>5d} {m['mesh'][1]:>5d} {m['mesh'][2]:>6d} {cells}  {'yes' if m['fits'] else 'no'}"
+        )
+    lines.append("  (* the configured mesh; GiB per device, smallest total first)")
+    return "\n".join(lines)
+
+
+def format_compile(xla: dict[str, Any], est: dict[str, int]) -> str:
+    """XLA's memory analysis next to the estimate (temporaries without the planner's margin)."""
+    args = est["params"] + est["opt_state"] + est["batch"]
+    temp = est["grads"] + est["activations"]
+
+    def row(label, a, b):
+        return f"  {label:<48s} {_gib(a):>9s} {_gib(b):>9s} {a / max(1, b):>7.3f}"
+
+    return "\n".join(
+        [
+            f"XLA on {xla['platform']}, mesh {xla['mesh']}: lowered in {xla['lower_s']:.1f} s, compiled in "
+            f"{xla['compile_s']:.1f} s, host peak RSS {xla['host_peak_rss'] / GiB:.2f} GiB",
+            f"  {'per device, GiB':<48s} {'XLA':>9s} {'planner':>9s} {'ratio':>7s}",
+            row("arguments = params + optimizer state + batch", xla["argument"], args),
+            row("temporaries = gradients + activations", xla["temp"], temp),
+            row("peak = arguments + temporaries (planner: total)", xla["argument"] + xla["temp"], est["total"]),
+            f"  (outputs {_gib(xla['output'])} GiB, {_gib(xla['alias'])} GiB of them aliased to the donated state)",
+        ]
+    )
+
+
+def _use_cpu_devices(n: int) -> None:
+    """Ask for ``n`` CPU devices (for --compile on a host with fewer accelerators); must run before
+    the CPU backend starts, and is skipped when XLA_FLAGS already forces a count."""
+    import os
+
+    if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+        return
+    try:
+        jax.config.update("jax_num_cpu_devices", n)
+    except RuntimeError as e:  # the backend already started: use what there is
+        logging.warning("could not ask for %d CPU devices: %s", n, e)
+
+
+def main(argv) -> None:
+    from absl import flags
+    from ml_collections import config_flags
+
+    if len(argv) > 1:
+        raise SystemExit(f"plan: unexpected arguments {argv[1:]}")
+    f = flags.FLAGS
+    config = f.config
+    if config is None:
+        raise SystemExit("plan: --config=configs/<name>.py is required")
+    name = config_flags.get_config_filename(f["config"])
+    if f["compile"].value:
+        _use_cpu_devices(f.devices)  # before anything starts a backend
+    try:
+        report = plan(config, f.devices, f.device_memory_gb, margin=f.margin, platform=f.platform)
+    except ValueError as e:
+        raise SystemExit(f"plan: error: {e}") from None
+    print(format_plan(report, config, name=name))
+    if f["compile"].value:
+        devices = jax.devices()
+        if len(devices) < f.devices:
+            devices = jax.devices("cpu")
+        try:
+            xla = compile_report(config, report["mesh"], devices)
+        except ValueError as e:
+            raise SystemExit(f"plan: error: {e}") from None
+        # Compare with the estimate for the platform that compiled (attn_impl="auto" differs).
+        est = estimate(config, report["mesh"], margin=f.margin, platform=xla["platform"])
+        print()
+        print(format_compile(xla, est))
+
+
+def _define_flags() -> None:
+    """Flags are defined only when run as a program (train.py and summary.py define --config too)."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "a config file, e.g. configs/30b.py", lock_config=True)
+    flags.DEFINE_integer("devices", 8, "number of accelerator devices (chips) of the run")
+    flags.DEFINE_float(
+        "device_memory_gb", 80.0, "memory per device in GiB that JAX may use (see docs/sharding.md, Memory planner)"
+    )
+    flags.DEFINE_float("margin", DEFAULT_MARGIN, "margin for XLA temporaries, a fraction of gradients + activations")
+    flags.DEFINE_enum("platform", "gpu", ["gpu", "tpu", "cpu"], "the devices of the run (resolves attn_impl=auto)")
+    flags.DEFINE_bool(
+        "compile",
+        False,
+        "also compile the train step on abstract inputs and print XLA's memory analysis next to the estimate "
+        "(on forced CPU devices when this host has fewer than --devices)",
+    )
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    _define_flags()
+    app.run(main)
