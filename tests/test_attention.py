@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from attention_reference import reference_probs
 
 from mpt_jax.attention import alibi_slopes, attend
 
@@ -43,25 +44,11 @@ def press_slopes(n: int) -> list[float]:
 def ref_attend(q, k, v, *, causal, slopes=None, q_seg=None, kv_seg=None, scale=None) -> np.ndarray:
     """Textbook attention in float64: repeat kv heads, bottom-right aligned ALiBi and causal mask."""
     q, k, v = (np.asarray(jnp.asarray(a, jnp.float32), np.float64) for a in (q, k, v))
-    _, s_len, n_heads, head_dim = q.shape
-    t_len, n_kv = k.shape[1], k.shape[2]
+    n_heads, head_dim, n_kv = q.shape[2], q.shape[3], k.shape[2]
     k = np.repeat(k, n_heads // n_kv, axis=2)  # head h reads kv head h // group
     v = np.repeat(v, n_heads // n_kv, axis=2)
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-    scores = np.einsum("bshd,bthd->bhst", q, k) * scale
-    q_pos = np.arange(s_len)[:, None] + (t_len - s_len)
-    kv_pos = np.arange(t_len)[None, :]
-    if slopes is not None:
-        scores = scores - np.asarray(slopes, np.float64)[None, :, None, None] * np.abs(q_pos - kv_pos)
-    allowed = np.ones((1, 1, s_len, t_len), bool)
-    if causal:
-        allowed = allowed & (kv_pos <= q_pos)
-    if q_seg is not None:
-        allowed = allowed & (np.asarray(q_seg)[:, None, :, None] == np.asarray(kv_seg)[:, None, None, :])
-    assert allowed.any(-1).all(), "test setup: every query must see at least one key"
-    scores = np.where(allowed, scores, -np.inf)
-    probs = np.exp(scores - scores.max(-1, keepdims=True))
-    probs /= probs.sum(-1, keepdims=True)
+    probs = reference_probs(q, k, causal=causal, slopes=slopes, q_seg=q_seg, kv_seg=kv_seg, scale=scale)
     return np.einsum("bhst,bthd->bshd", probs, v)
 
 

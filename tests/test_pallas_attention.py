@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from attention_reference import reference_probs
 
 from mpt_jax.attention import IMPLS, alibi_slopes, attend
 from mpt_jax.attention.pallas_gpu import BlockSizes, _raw_kernels, flash_attention
@@ -35,20 +36,7 @@ def ref_attention(q, k, v, w, *, causal, slopes, q_seg, kv_seg, scale):
     t_len, n_kv = k.shape[1], k.shape[2]
     group = n_heads // n_kv
     kr, vr = np.repeat(k, group, axis=2), np.repeat(v, group, axis=2)
-    scores = np.einsum("bshd,bthd->bhst", q, kr) * scale
-    q_pos = np.arange(s_len)[:, None] + (t_len - s_len)
-    kv_pos = np.arange(t_len)[None, :]
-    if slopes is not None:
-        scores = scores - np.asarray(slopes, np.float64)[None, :, None, None] * np.abs(q_pos - kv_pos)
-    allowed = np.ones((1, 1, s_len, t_len), bool)
-    if causal:
-        allowed = allowed & (kv_pos <= q_pos)
-    if q_seg is not None:
-        allowed = allowed & (np.asarray(q_seg)[:, None, :, None] == np.asarray(kv_seg)[:, None, None, :])
-    assert allowed.any(-1).all(), "test setup: every query must see at least one key"
-    scores = np.where(allowed, scores, -np.inf)
-    p = np.exp(scores - scores.max(-1, keepdims=True))
-    p /= p.sum(-1, keepdims=True)
+    p = reference_probs(q, kr, causal=causal, slopes=slopes, q_seg=q_seg, kv_seg=kv_seg, scale=scale)
     out = np.einsum("bhst,bthd->bshd", p, vr)
     dp = np.einsum("bshd,bthd->bhst", w, vr)
     ds = p * (dp - (dp * p).sum(-1, keepdims=True))

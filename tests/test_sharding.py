@@ -114,6 +114,23 @@ def test_two_processes_train_like_one_and_their_checkpoint_restores_in_one(refer
     assert_close_params(params(workdir, 4), params(reference, 4))
 
 
+def run_on_8_devices(tmp_path, source: str) -> dict:
+    """Runs a script (which writes JSON to argv[1]) in a process with 8 CPU devices; its output."""
+    script = tmp_path / "script.py"
+    script.write_text(source)
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+    done = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "out.json")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    return json.loads((tmp_path / "out.json").read_text())
+
+
 SHARDED_STEP = textwrap.dedent(
     """
     import json, sys
@@ -159,19 +176,7 @@ SHARDED_STEP = textwrap.dedent(
 def test_sharded_train_step_matches_one_device_with_mha_gqa_mqa(tmp_path):
     """The jitted step under each mesh's shardings equals one device (1e-5), also when kv heads are
     fewer than the tensor axis (GQA 2 kv heads on tensor 4, MQA): those stay replicated."""
-    script = tmp_path / "step.py"
-    script.write_text(SHARDED_STEP)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    done = subprocess.run(
-        [sys.executable, str(script), str(tmp_path / "out.json")],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
-    out = json.loads((tmp_path / "out.json").read_text())
+    out = run_on_8_devices(tmp_path, SHARDED_STEP)
     for name in ("mha", "gqa", "mqa"):
         ref = out[f"{name} (1, 1, 1)"]
         for mesh in ("(8, 1, 1)", "(1, 8, 1)", "(2, 2, 2)", "(1, 2, 4)"):
@@ -260,19 +265,7 @@ def test_pallas_attention_in_the_sharded_train_step(tmp_path):
     """attn_impl='pallas' (interpret mode here) inside the jitted, sharded step: the kernel runs per
     shard (rows over data x fsdp, heads over tensor with their global ALiBi slopes) and matches the
     xla path on one device, packed segments included."""
-    script = tmp_path / "pallas.py"
-    script.write_text(PALLAS_SHARDED)
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    done = subprocess.run(
-        [sys.executable, str(script), str(tmp_path / "out.json")],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
-    out = json.loads((tmp_path / "out.json").read_text())
+    out = run_on_8_devices(tmp_path, PALLAS_SHARDED)
     ref = out["xla (1, 1, 1)"]
     for mesh in ("(2, 1, 4)", "(1, 2, 4)", "(8, 1, 1)"):
         got = out[f"pallas {mesh}"]
