@@ -154,13 +154,14 @@ class Trainer:
             return jax.jit(self._init_fn(), out_shardings=self.state_shardings)(rng, params)
 
     def _eval(self, params, eval_fn) -> dict[str, float]:
-        it = iter(self._dataset("validation", train=False))
+        it = iter(self._dataset("validation", train=False))  # the same first batches every time
         loss_sum = tokens = 0.0
         for _ in range(self.config.train.eval_batches):
             batch = to_global_arrays(next(it), self.batch_sharding)
             out = eval_fn(params, batch)
             loss_sum += float(out["loss_sum"])
             tokens += float(out["tokens"])
+        it.close()  # stops its worker processes, if any
         loss = loss_sum / max(tokens, 1.0)
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens}
 
