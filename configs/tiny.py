@@ -2,11 +2,12 @@
 
     python -m mpt_jax.train --config=configs/tiny.py [--workdir=workdirs/tiny]
 
-Same architecture as the released MPTs (ALiBi, no biases, tied embeddings) at 5.2M parameters:
+Same architecture as the released MPTs (ALiBi, no biases, tied embeddings) at 5.3M parameters:
 d_model 256, 4 heads, 4 layers, an 8192-token byte-level BPE trained on the embedded corpus (the
-Python standard library's source), embedding rows 8256. On 2 CPU cores it takes about 3-4 minutes: 240 steps of 16 x 128 tokens with decoupled
-AdamW at 3e-3 (cosine, 24 warmup steps). Measured: training loss 9.93 at step 1, about 5 at the
-end (noisy: each batch is 2k tokens of source code); eval loss 5.27, 3.95, 3.52 at steps 80, 160, 240.
+Python standard library's source), embedding rows 8256. On 2 CPU cores it takes about 3-4 minutes:
+240 steps of 16 x 128 tokens with decoupled AdamW at 3e-3 (cosine, 24 warmup steps). Measured:
+training loss 9.93 at step 1, about 5 at the end (noisy: each batch is 2k tokens of source code);
+eval loss 5.27, 3.95, 3.52 at steps 80, 160, 240.
 """
 
 import ml_collections
