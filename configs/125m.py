@@ -1,18 +1,15 @@
-"""MPT-125M: the shape and recipe of llm-foundry's mpt-125m.yaml, on the released MPT architecture.
+"""MPT-125M: llm-foundry's mpt-125m.yaml (shape and recipe) on the released MPT architecture.
 
     python -m mpt_jax.train --config=configs/125m.py
 
-Model: d_model 768, 12 heads, 12 layers, context 2048 (see docs/configs.md for the architecture).
-Recipe (the yaml's): decoupled AdamW lr 0.0006, betas (0.9, 0.95), no weight decay, cosine schedule
-with 100 warmup steps to 0.1x, gradient clipping 1.0, global batch 256 x 2048 tokens, 4,800 steps
-(about 2.5B tokens, Chinchilla-style), bfloat16 compute. Data: C4 (English) prepared for TFDS in
-ArrayRecord format, tokenized with EleutherAI/gpt-neox-20b.
+d_model 768, 12 heads, 12 layers; lr 0.0006, global batch 256 x 2048, 4,800 steps (about 2.5B
+tokens). The rest of the recipe is run_config.pretraining_recipe; the architecture is in docs/configs.md.
 """
 
 import ml_collections
 
 from mpt_jax.config import MPTConfig
-from mpt_jax.run_config import base_config
+from mpt_jax.run_config import base_config, pretraining_recipe
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -26,14 +23,4 @@ def get_config() -> ml_collections.ConfigDict:
         dtype="bfloat16",
         remat_policy="none",
     ).to_config_dict()
-    config.data.source = "tfds:c4/en"
-    config.data.tokenizer = "EleutherAI/gpt-neox-20b"
-    config.train.max_steps = 4800
-    config.train.global_batch_size = 256
-    config.train.seq_len = 2048
-    config.train.eval_every = 1000
-    config.optimizer.lr = 0.0006
-    config.schedule.t_warmup = 100
-    config.schedule.alpha_f = 0.1
-    config.checkpoint.every_steps = 1000
-    return config
+    return pretraining_recipe(config, lr=0.0006, global_batch_size=256, max_steps=4800, fsdp=False)

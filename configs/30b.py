@@ -11,7 +11,7 @@ released weights with
 import ml_collections
 
 from mpt_jax.config import MPTConfig
-from mpt_jax.run_config import base_config
+from mpt_jax.run_config import base_config, pretraining_recipe
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -25,18 +25,6 @@ def get_config() -> ml_collections.ConfigDict:
         dtype="bfloat16",
         remat_policy="full",
     ).to_config_dict()
-    config.data.source = "tfds:c4/en"
-    config.data.tokenizer = "EleutherAI/gpt-neox-20b"
     # llm-foundry's mpt-30b.yaml recipe at 2k context (the released model's first stage); its second
     # stage continued at 8k: --config.train.seq_len=8192 --config.train.global_batch_size=512.
-    config.train.max_steps = 143100
-    config.train.global_batch_size = 2048
-    config.train.seq_len = 2048
-    config.train.eval_every = 1000
-    config.optimizer.lr = 1.0e-4
-    config.schedule.t_warmup = 100
-    config.schedule.alpha_f = 0.1
-    config.checkpoint.every_steps = 1000
-    config.mesh.data = 1
-    config.mesh.fsdp = -1
-    return config
+    return pretraining_recipe(config, lr=1.0e-4, global_batch_size=2048, max_steps=143100, fsdp=True)

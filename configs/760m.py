@@ -1,18 +1,15 @@
-"""MPT-760M: the shape and recipe of llm-foundry's mpt-760m.yaml, on the released MPT architecture.
+"""MPT-760M: llm-foundry's mpt-760m.yaml (shape and recipe) on the released MPT architecture.
 
     python -m mpt_jax.train --config=configs/760m.py
 
-Model: d_model 1536, 12 heads, 24 layers, context 2048 (see docs/configs.md for the architecture).
-Recipe (the yaml's): decoupled AdamW lr 0.00025, betas (0.9, 0.95), no weight decay, cosine schedule
-with 100 warmup steps to 0.1x, gradient clipping 1.0, global batch 256 x 2048 tokens, 29,000 steps
-(about 15.2B tokens, Chinchilla-style), bfloat16 compute. Data: C4 (English) prepared for TFDS in
-ArrayRecord format, tokenized with EleutherAI/gpt-neox-20b.
+d_model 1536, 12 heads, 24 layers; lr 0.00025, global batch 256 x 2048, 29,000 steps (about 15.2B
+tokens). The rest of the recipe is run_config.pretraining_recipe; the architecture is in docs/configs.md.
 """
 
 import ml_collections
 
 from mpt_jax.config import MPTConfig
-from mpt_jax.run_config import base_config
+from mpt_jax.run_config import base_config, pretraining_recipe
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -26,14 +23,4 @@ def get_config() -> ml_collections.ConfigDict:
         dtype="bfloat16",
         remat_policy="none",
     ).to_config_dict()
-    config.data.source = "tfds:c4/en"
-    config.data.tokenizer = "EleutherAI/gpt-neox-20b"
-    config.train.max_steps = 29000
-    config.train.global_batch_size = 256
-    config.train.seq_len = 2048
-    config.train.eval_every = 1000
-    config.optimizer.lr = 0.00025
-    config.schedule.t_warmup = 100
-    config.schedule.alpha_f = 0.1
-    config.checkpoint.every_steps = 1000
-    return config
+    return pretraining_recipe(config, lr=0.00025, global_batch_size=256, max_steps=29000, fsdp=False)

@@ -11,7 +11,7 @@ lr 1.2e-4, betas (0.9, 0.95), cosine with 100 warmup steps to 0.1x, clipping 1.0
 import ml_collections
 
 from mpt_jax.config import MPTConfig
-from mpt_jax.run_config import base_config
+from mpt_jax.run_config import base_config, pretraining_recipe
 
 # MPT-7B's pretraining data mix (model card): each row of a batch is packed from one source, the
 # source drawn with these probabilities. Prepare each corpus once with
@@ -44,20 +44,9 @@ def get_config() -> ml_collections.ConfigDict:
         remat_policy="full",
     ).to_config_dict()
     config.data.source = ""  # the mixture below instead of a single source
-    config.data.tokenizer = "EleutherAI/gpt-neox-20b"
     config.data.mixture = [
         {"source": f"tokenized:{DATA_ROOT}/{name}", "format": "packed", "weight": weight} for name, weight in MPT_7B_MIX
     ]
     # llm-foundry's mpt-7b.yaml recipe. The released run used LION (hyperparameters unpublished):
     # --config.optimizer.name=decoupled_lionw --config.optimizer.b2=0.99 with a lower lr.
-    config.train.max_steps = 63900
-    config.train.global_batch_size = 1024
-    config.train.seq_len = 2048
-    config.train.eval_every = 1000
-    config.optimizer.lr = 1.2e-4
-    config.schedule.t_warmup = 100
-    config.schedule.alpha_f = 0.1
-    config.checkpoint.every_steps = 1000
-    config.mesh.data = 1
-    config.mesh.fsdp = -1
-    return config
+    return pretraining_recipe(config, lr=1.2e-4, global_batch_size=1024, max_steps=63900, fsdp=True)

@@ -136,3 +136,28 @@ def check(config: ml_collections.ConfigDict, n_devices: int, process_count: int 
             raise ValueError(f"config.train.{key}={t[key]}: must be >= 0")
     if config.checkpoint.every_steps < 0:
         raise ValueError(f"config.checkpoint.every_steps={config.checkpoint.every_steps}: must be >= 0")
+
+
+def pretraining_recipe(
+    config: ml_collections.ConfigDict, *, lr: float, global_batch_size: int, max_steps: int, fsdp: bool
+) -> ml_collections.ConfigDict:
+    """llm-foundry's pretraining yamls, shared by every size (only lr, batch and steps differ):
+    decoupled AdamW, betas (0.9, 0.95), no weight decay, cosine to 0.1x after 100 warmup steps,
+    clipping 1.0, context 2048, C4 (unless a data mixture is set) tokenized with EleutherAI/gpt-neox-20b;
+    FULL_SHARD FSDP
+    (``fsdp=True``) puts every device on the fsdp axis."""
+    if not config.data.get("mixture"):
+        config.data.source = "tfds:c4/en"
+    config.data.tokenizer = "EleutherAI/gpt-neox-20b"
+    config.train.max_steps = max_steps
+    config.train.global_batch_size = global_batch_size
+    config.train.seq_len = 2048
+    config.train.eval_every = 1000
+    config.optimizer.lr = lr
+    config.schedule.t_warmup = 100
+    config.schedule.alpha_f = 0.1
+    config.checkpoint.every_steps = 1000
+    if fsdp:
+        config.mesh.data = 1
+        config.mesh.fsdp = -1
+    return config
