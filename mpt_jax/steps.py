@@ -83,9 +83,13 @@ def train_step(
         grads = jax.tree.map(lambda a, b: a + b.astype(a.dtype), grads, g)
         return (grads, loss_sum + loss, count + n), None
 
-    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
-    init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-    (grads, loss_sum, count), _ = jax.lax.scan(accumulate, init, (jnp.arange(micro_batches), micro))
+    if micro_batches == 1:  # no accumulation buffer: one set of gradients in memory, not two
+        (loss_sum, count), grads = grad_fn(params, batch, jax.random.fold_in(rng, 0))
+        grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+    else:
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+        (grads, loss_sum, count), _ = jax.lax.scan(accumulate, init, (jnp.arange(micro_batches), micro))
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, params)
     updates, opt_state = optimizer.update(grads, state["opt_state"], params)
