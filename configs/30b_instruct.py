@@ -12,7 +12,7 @@ steps, clipping 1.0, global batch 72, 8 epochs.
 import ml_collections
 
 from mpt_jax.config import MPTConfig
-from mpt_jax.run_config import base_config
+from mpt_jax.run_config import base_config, finetuning_recipe
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -20,22 +20,14 @@ def get_config() -> ml_collections.ConfigDict:
     config.model = MPTConfig(
         d_model=7168, n_heads=64, n_layers=48, max_seq_len=8192, vocab_size=50432, dtype="bfloat16", remat_policy="full"
     ).to_config_dict()
-    config.init_from = "ckpt/mpt-30b"
-    config.data.source = "files:data/instruct-v3/train.jsonl"
     config.data.format = "instruction"
-    config.data.text_field = ml_collections.config_dict.placeholder(str)
     config.data.template = "mpt-30b-instruct"
-    config.data.tokenizer = "EleutherAI/gpt-neox-20b"
-    config.data.packing = "first_fit"
-    config.train.max_steps = 4000
-    config.train.global_batch_size = 72
-    config.train.seq_len = 8192
-    config.train.eval_every = 0
-    config.optimizer.lr = 9.65e-6
-    config.schedule.name = "linear_decay_with_warmup"
-    config.schedule.t_warmup = 50
-    config.schedule.alpha_f = 0.0
-    config.checkpoint.every_steps = 500
-    config.mesh.data = 1
-    config.mesh.fsdp = -1
-    return config
+    return finetuning_recipe(
+        config,
+        init_from="ckpt/mpt-30b",
+        source="files:data/instruct-v3/train.jsonl",
+        lr=9.65e-6,
+        global_batch_size=72,
+        max_steps=4000,
+        seq_len=8192,
+    )

@@ -12,7 +12,7 @@ after 50 warmup steps, clipping 1.0, global batch 48, 2 epochs (about 2,500 step
 import ml_collections
 
 from mpt_jax.config import MPTConfig
-from mpt_jax.run_config import base_config
+from mpt_jax.run_config import base_config, finetuning_recipe
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -20,23 +20,15 @@ def get_config() -> ml_collections.ConfigDict:
     config.model = MPTConfig(
         d_model=4096, n_heads=32, n_layers=32, max_seq_len=2048, vocab_size=50432, dtype="bfloat16", remat_policy="full"
     ).to_config_dict()
-    config.init_from = "ckpt/mpt-7b"
-    config.data.source = "files:data/dolly_hhrlhf/train.jsonl"
     config.data.format = "instruction"
-    config.data.text_field = ml_collections.config_dict.placeholder(str)
     config.data.template = "mpt-7b-instruct"
-    config.data.tokenizer = "EleutherAI/gpt-neox-20b"
-    config.data.packing = "first_fit"
-    config.train.max_steps = 2500
-    config.train.global_batch_size = 48
-    config.train.seq_len = 2048
-    config.train.eval_every = 0
-    config.optimizer.lr = 5e-6
-    config.optimizer.b2 = 0.999
-    config.schedule.name = "linear_decay_with_warmup"
-    config.schedule.t_warmup = 50
-    config.schedule.alpha_f = 0.0
-    config.checkpoint.every_steps = 500
-    config.mesh.data = 1
-    config.mesh.fsdp = -1
-    return config
+    return finetuning_recipe(
+        config,
+        init_from="ckpt/mpt-7b",
+        source="files:data/dolly_hhrlhf/train.jsonl",
+        lr=5e-6,
+        b2=0.999,
+        global_batch_size=48,
+        max_steps=2500,
+        seq_len=2048,
+    )

@@ -161,3 +161,37 @@ def pretraining_recipe(
         config.mesh.data = 1
         config.mesh.fsdp = -1
     return config
+
+
+def finetuning_recipe(
+    config: ml_collections.ConfigDict,
+    *,
+    init_from: str,
+    source: str,
+    lr: float,
+    global_batch_size: int,
+    max_steps: int,
+    seq_len: int,
+    b2: float = 0.95,
+) -> ml_collections.ConfigDict:
+    """llm-foundry's finetuning yamls: from a converted checkpoint, examples packed first-fit, decoupled
+    AdamW without weight decay, linear decay to 0 after 50 warmup steps, gpt-neox-20b tokens, FSDP.
+    The example format (instruction or chat) is the config's own."""
+    config.init_from = init_from
+    config.data.source = source
+    config.data.text_field = ml_collections.config_dict.placeholder(str)
+    config.data.tokenizer = "EleutherAI/gpt-neox-20b"
+    config.data.packing = "first_fit"
+    config.train.max_steps = max_steps
+    config.train.global_batch_size = global_batch_size
+    config.train.seq_len = seq_len
+    config.train.eval_every = 0
+    config.optimizer.lr = lr
+    config.optimizer.b2 = b2
+    config.schedule.name = "linear_decay_with_warmup"
+    config.schedule.t_warmup = 50
+    config.schedule.alpha_f = 0.0
+    config.checkpoint.every_steps = 500
+    config.mesh.data = 1
+    config.mesh.fsdp = -1
+    return config

@@ -673,8 +673,17 @@ def flash_attention(
     q, k, v. ``interpret`` defaults to True on a CPU backend. ``softmax_scale`` must be a Python
     number (it is compiled into the kernel); default 1/sqrt(D).
     """
-    k = k.astype(q.dtype)
-    v = v.astype(q.dtype)
+    k, v, cfg = _setup(
+        q, k, v, causal, alibi_slopes, q_segment_ids, kv_segment_ids, softmax_scale, block_sizes, interpret
+    )
+    return _flash(q, k, v, q_segment_ids, kv_segment_ids, alibi_slopes, cfg)
+
+
+def _setup(
+    q, k, v, causal, alibi_slopes, q_segment_ids, kv_segment_ids, softmax_scale, block_sizes, interpret, poison=False
+):
+    """k and v in q's dtype, the inputs checked, and the static kernel config."""
+    k, v = k.astype(q.dtype), v.astype(q.dtype)
     _check_inputs(q, k, v, alibi_slopes, q_segment_ids, kv_segment_ids)
     cfg = _make_cfg(
         q,
@@ -686,8 +695,9 @@ def flash_attention(
         softmax_scale=softmax_scale,
         block_sizes=block_sizes,
         interpret=interpret,
+        poison=poison,
     )
-    return _flash(q, k, v, q_segment_ids, kv_segment_ids, alibi_slopes, cfg)
+    return k, v, cfg
 
 
 def _raw_kernels(
@@ -710,19 +720,8 @@ def _raw_kernels(
     With ``poison`` every output buffer starts as NaN (aliased NaN inputs), so an element the
     kernels never write comes back NaN, padding rows included.
     """
-    k, v = k.astype(q.dtype), v.astype(q.dtype)
-    _check_inputs(q, k, v, alibi_slopes, q_segment_ids, kv_segment_ids)
-    cfg = _make_cfg(
-        q,
-        k,
-        v,
-        causal=causal,
-        has_seg=q_segment_ids is not None,
-        has_alibi=alibi_slopes is not None,
-        softmax_scale=softmax_scale,
-        block_sizes=block_sizes,
-        interpret=interpret,
-        poison=poison,
+    k, v, cfg = _setup(
+        q, k, v, causal, alibi_slopes, q_segment_ids, kv_segment_ids, softmax_scale, block_sizes, interpret, poison
     )
     padded = _pad_all(cfg, q, k, v, q_segment_ids, kv_segment_ids, alibi_slopes)
     o, lse = _forward(cfg, *padded)
