@@ -22,7 +22,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from mpt_jax.config import MPTConfig
+from mpt_jax.config import EXECUTION_FIELDS, MPTConfig
 from mpt_jax.files import atomic_output_dir, read_json
 
 FORMAT = "mpt-jax-model"
@@ -184,8 +184,7 @@ class TrainCheckpoints:
             return
         saved_model = saved.get("model", {})
         diff = sorted(k for k in set(saved_model) | set(model) if saved_model.get(k) != model.get(k))
-        execution = {"dtype", "param_dtype", "remat_policy", "attn_impl"}  # free to change on resume
-        diff = [k for k in diff if k not in execution]
+        diff = [k for k in diff if k not in EXECUTION_FIELDS]
         if diff:
             changes = ", ".join(f"{k}: {saved_model.get(k)!r} -> {model.get(k)!r}" for k in diff)
             raise ValueError(

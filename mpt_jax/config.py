@@ -14,6 +14,7 @@ import math
 import os
 from typing import Any
 
+from mpt_jax.attention import names as attention_impls
 from mpt_jax.files import read_json
 
 ATTN_TYPES = ("multihead_attention", "multiquery_attention", "grouped_query_attention")
@@ -30,8 +31,17 @@ INIT_NAMES = (
     "neox_init_",
 )
 NONLINEARITIES = ("relu", "leaky_relu", "linear", "tanh", "sigmoid", "selu")
-REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
-ATTN_IMPLS = ("xla", "pallas", "cudnn", "auto")
+# Remat policy name -> the jax.checkpoint_policies attribute it means (None: no remat).
+REMAT_POLICIES = {
+    "none": None,
+    "full": "nothing_saveable",
+    "dots": "checkpoint_dots",
+    "dots_no_batch": "checkpoint_dots_with_no_batch_dims",
+}
+ATTN_IMPLS = attention_impls.IMPLS
+# Fields that say how the model runs, not what it computes: free to change between a checkpoint
+# and the run that reads it.
+EXECUTION_FIELDS = ("dtype", "param_dtype", "remat_policy", "attn_impl")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -197,7 +207,7 @@ class MPTConfig:
         if self.param_dtype not in DTYPES:
             raise bad("param_dtype", f"unknown; expected one of {DTYPES}")
         if self.remat_policy not in REMAT_POLICIES:
-            raise bad("remat_policy", f"unknown; expected one of {REMAT_POLICIES}")
+            raise bad("remat_policy", f"unknown; expected one of {tuple(REMAT_POLICIES)}")
         if self.attn_impl not in ATTN_IMPLS:
             raise bad("attn_impl", f"unknown; expected one of {ATTN_IMPLS}")
         return self

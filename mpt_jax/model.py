@@ -21,17 +21,11 @@ import jax
 import jax.numpy as jnp
 
 from mpt_jax.attention import alibi_slopes, attend
-from mpt_jax.config import MPTConfig
+from mpt_jax.config import REMAT_POLICIES, MPTConfig
 from mpt_jax.initializers import embedding_init, weight_init
 
 # Logical names of activations; sharding rules map them to mesh axes.
 BATCH, LENGTH, EMBED_ACT, MLP_ACT = "activation_batch", "activation_length", "activation_embed", "activation_mlp"
-
-REMAT_POLICIES = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-}
 
 
 def _param(module: nn.Module, name: str, init, shape: Sequence[int], axes: Sequence[str]) -> jax.Array:
@@ -243,7 +237,9 @@ class MPT(nn.Module):
 
         block = Block
         if cfg.remat_policy != "none":
-            block = nn.remat(Block, policy=REMAT_POLICIES[cfg.remat_policy], prevent_cse=False)
+            block = nn.remat(
+                Block, policy=getattr(jax.checkpoint_policies, REMAT_POLICIES[cfg.remat_policy]), prevent_cse=False
+            )
         blocks = nn.scan(
             block,
             variable_axes={"params": 0},

@@ -21,10 +21,9 @@ import jax
 import jax.numpy as jnp
 
 from mpt_jax.attention.alibi import alibi_slopes
+from mpt_jax.attention.names import IMPLS
 from mpt_jax.attention.pallas_gpu import BlockSizes, flash_attention
 from mpt_jax.attention.xla import attend_xla, attention_bias
-
-IMPLS = ("xla", "pallas", "cudnn", "auto")
 
 __all__ = ["IMPLS", "BlockSizes", "alibi_slopes", "attend"]
 
