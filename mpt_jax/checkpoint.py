@@ -24,15 +24,11 @@ import orbax.checkpoint as ocp
 
 from mpt_jax.config import EXECUTION_FIELDS, MPTConfig
 from mpt_jax.files import atomic_output_dir, read_json
+from mpt_jax.model import flat_params
 
 FORMAT = "mpt-jax-model"
 VERSION = 1
 PARAMS = "params"
-
-
-def _flatten(params: Any) -> list[tuple[tuple[str, ...], Any]]:
-    flat = jax.tree_util.tree_flatten_with_path(params)[0]
-    return [(tuple(str(getattr(k, "key", k)) for k in path), leaf) for path, leaf in flat]
 
 
 def save_model(
@@ -48,7 +44,7 @@ def save_model(
     pairs, which is consumed one param at a time (what ``convert hf_to_jax`` streams).
     """
     path = os.path.abspath(os.fspath(path))
-    leaves = _flatten(params) if isinstance(params, dict) else params
+    leaves = flat_params(params) if isinstance(params, dict) else params
     with atomic_output_dir(path, overwrite=overwrite) as tmp:
         with ocp.PyTreeCheckpointer() as ckptr:
             for leaf_path, value in leaves:
@@ -79,7 +75,7 @@ def load_model(
     params_dir = os.path.join(path, PARAMS)
     if not os.path.isdir(params_dir):
         raise FileNotFoundError(f"{path}: no {PARAMS}/ folder; not a complete mpt-jax model checkpoint")
-    sharding_of = dict(_flatten(shardings)) if shardings is not None else {}
+    sharding_of = dict(flat_params(shardings)) if shardings is not None else {}
     params: dict[str, Any] = {}
     with ocp.PyTreeCheckpointer() as ckptr:
         for name in sorted(os.listdir(params_dir)):
@@ -100,7 +96,7 @@ def load_model(
             for key in leaf_path[:-1]:
                 node = node.setdefault(key, {})
             node[leaf_path[-1]] = value
-    if shardings is not None and set(sharding_of) != set(p for p, _ in _flatten(params)):
+    if shardings is not None and set(sharding_of) != set(p for p, _ in flat_params(params)):
         raise ValueError(f"{path}: the shardings tree does not match the checkpoint's params")
     return cfg, params
 

@@ -22,14 +22,13 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import flax.linen as nn
-import jax
 import ml_dtypes
 import numpy as np
 from absl import logging
 
 from mpt_jax.config import MPTConfig
 from mpt_jax.files import atomic_output_dir, read_json
-from mpt_jax.model import param_shapes
+from mpt_jax.model import flat_params, param_shapes
 
 Params = dict[str, Any]
 Path = tuple[str, ...]
@@ -419,14 +418,8 @@ def save_hf(
 
 def _check_params(cfg: MPTConfig, params: Params) -> None:
     """Every param the config implies is there with the right shape, and nothing else."""
-    expected = {
-        "/".join(str(getattr(k, "key", k)) for k in path): tuple(leaf.shape)
-        for path, leaf in jax.tree_util.tree_flatten_with_path(nn.meta.unbox(param_shapes(cfg)))[0]
-    }
-    got = {
-        "/".join(str(getattr(k, "key", k)) for k in path): tuple(np.shape(leaf))
-        for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
-    }
+    expected = {"/".join(path): tuple(leaf.shape) for path, leaf in flat_params(nn.meta.unbox(param_shapes(cfg)))}
+    got = {"/".join(path): tuple(np.shape(leaf)) for path, leaf in flat_params(params)}
     missing = sorted(set(expected) - set(got))
     extra = sorted(set(got) - set(expected))
     if missing or extra:

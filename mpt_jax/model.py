@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -278,3 +279,9 @@ def init_params(cfg: MPTConfig, rng: jax.Array, length: int = 8):
     """Concrete, unboxed float params for ``cfg`` (on the default device)."""
     tokens = jnp.zeros((1, min(length, cfg.max_seq_len)), jnp.int32)
     return nn.meta.unbox(jax.jit(MPT(cfg).init)(rng, tokens)["params"])
+
+
+def flat_params(tree) -> list[tuple[tuple[str, ...], Any]]:
+    """(path of dict keys, leaf) for every leaf of a params tree: the one way paths are spelled."""
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return [(tuple(str(getattr(k, "key", k)) for k in path), leaf) for path, leaf in flat]

@@ -18,7 +18,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from mpt_jax.config import MPTConfig
-from mpt_jax.model import MPT, init_params, param_shapes
+from mpt_jax.model import MPT, flat_params, init_params, param_shapes
 from mpt_jax.run_config import model_config
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a config file, e.g. configs/tiny.py", lock_config=True)
@@ -31,8 +31,8 @@ _MAX_FORWARD = flags.DEFINE_integer("max_forward_params", 200_000_000, "skip the
 def describe(cfg: MPTConfig) -> tuple[str, int]:
     shapes = nn.meta.unbox(param_shapes(cfg))
     lines, total = [], 0
-    for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]:
-        name = "/".join(str(getattr(k, "key", k)) for k in path)
+    for path, leaf in flat_params(shapes):
+        name = "/".join(path)
         lines.append(f"  {name:<40s} {str(tuple(leaf.shape)):<28s} {leaf.size:>16,d}")
         total += leaf.size
     lines.append(f"  {'total':<40s} {'':<28s} {total:>16,d}")

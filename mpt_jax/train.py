@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from mpt_jax import checkpoint, distributed, metrics, optim, run_config, sharding, steps
 from mpt_jax.data import formats
-from mpt_jax.data.pipeline import DataConfig, get_tokenizer, iterate, make_dataset, to_global_arrays
+from mpt_jax.data.pipeline import DataConfig, check_data, get_tokenizer, iterate, make_dataset, to_global_arrays
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "a config file, e.g. configs/tiny.py", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics and logs go (default: workdirs/<config>)")
@@ -91,11 +91,13 @@ class Trainer:
         self.micro_batches = t.global_batch_size // (t.micro_batch_size or t.global_batch_size)
         self.data_cfg = DataConfig.from_config(config.data)
         self.tok = get_tokenizer(self.data_cfg)
-        if self.tok.vocab_size > self.cfg.vocab_size:
-            raise ValueError(
-                f"config.model.vocab_size={self.cfg.vocab_size} is smaller than the tokenizer's {self.tok.vocab_size} ids "
-                f"({self.data_cfg.tokenizer})"
-            )
+        check_data(
+            self.data_cfg,
+            self.tok,
+            seq_len=self.seq_len,
+            vocab_size=self.cfg.vocab_size,
+            need_eval=bool(t.eval_every and t.eval_batches),
+        )
         shape = run_config.mesh_shape(config, jax.device_count())
         dcn = tuple(int(config.mesh.get(f"dcn_{a}", 1)) for a in sharding.AXES)
         self.mesh = sharding.make_mesh(shape, dcn)

@@ -169,6 +169,17 @@ def get_tokenizer(cfg: DataConfig) -> Tokenizer:
     return tok
 
 
+def check_data(cfg: DataConfig, tok: Tokenizer, *, seq_len: int, vocab_size: int, need_eval: bool) -> None:
+    """Checks the data against the run before anything is written or compiled; ValueError names both values.
+
+    ``vocab_size`` is the model's embedding rows; ``need_eval`` says the run will report eval_loss.
+    """
+    if tok.vocab_size > vocab_size:
+        raise ValueError(
+            f"config.model.vocab_size={vocab_size} is smaller than the tokenizer's {tok.vocab_size} ids ({cfg.tokenizer})"
+        )
+
+
 # ----------------------------------------------------------------------------------------------
 # The pipeline.
 
