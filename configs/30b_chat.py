@@ -6,8 +6,10 @@
 Data: jsonl {"messages": [{"role", "content"}, ...]} rendered as ChatML
 (<|im_start|>role\\ncontent<|im_end|>\\n), loss on assistant turns only; <|im_start|> and <|im_end|>
 are added to the gpt-neox-20b tokenizer (ids 50277 and 50278, inside MPT's 50432 embedding rows);
-MPT-30B-Chat's default system prompt is added where a conversation has none. The chat recipe is not
-published: this uses the 30B-Instruct yaml's optimizer settings at 8k context.
+MPT-30B-Chat's default system prompt is added where a conversation has none; conversations are
+packed first-fit, each attending only to itself (model.attn_uses_sequence_id, set by
+finetuning_recipe). The chat recipe is not published: this uses the 30B-Instruct yaml's optimizer
+settings at 8k context.
 """
 
 import ml_collections

@@ -4,7 +4,8 @@
     python -m mpt_jax.train --config=configs/30b_instruct.py --config.data.source=files:/data/instruct-v3/train.jsonl
 
 Data: jsonl {"prompt", "response"} (mosaicml/instruct-v3 exported to jsonl) in the MPT-30B-Instruct
-template, loss on the response only, packed first-fit into 8192 tokens. Recipe (the yaml's):
+template, loss on the response only, packed first-fit into 8192 tokens, each example attending
+only to itself (model.attn_uses_sequence_id, set by finetuning_recipe). Recipe (the yaml's):
 decoupled AdamW lr 9.65e-6, betas (0.9, 0.95), no weight decay, linear decay to 0 after 50 warmup
 steps, clipping 1.0, global batch 72, 8 epochs.
 """

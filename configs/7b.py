@@ -14,9 +14,13 @@ from mpt_jax.config import MPTConfig
 from mpt_jax.run_config import base_config, pretraining_recipe
 
 # MPT-7B's pretraining data mix (model card): each row of a batch is packed from one source, the
-# source drawn with these probabilities. Prepare each corpus once with
-#   python -m mpt_jax.data.prepare --source=... --tokenizer=EleutherAI/gpt-neox-20b --seq_len=2048 --out=DATA_ROOT/<name>
-# then point DATA_ROOT at them (or override config.data.mixture).
+# source drawn with these probabilities. Prepare each corpus once per split, the validation split
+# (a TFDS dataset's own, or a files: source's held-out 1% of documents) into <name>-validation:
+#   python -m mpt_jax.data.prepare --source=... --tokenizer=EleutherAI/gpt-neox-20b --seq_len=2048 \
+#       --split=train --out=DATA_ROOT/<name>
+#   python -m mpt_jax.data.prepare ... --split=validation --out=DATA_ROOT/<name>-validation
+# then point DATA_ROOT at them (or override config.data.mixture). Eval reads only the validation
+# folders; training never does.
 DATA_ROOT = "/data/mpt-pretraining"
 MPT_7B_MIX = (
     ("mc4_3.1.0_en", 0.33),
@@ -45,7 +49,13 @@ def get_config() -> ml_collections.ConfigDict:
     ).to_config_dict()
     config.data.source = ""  # the mixture below instead of a single source
     config.data.mixture = [
-        {"source": f"tokenized:{DATA_ROOT}/{name}", "format": "packed", "weight": weight} for name, weight in MPT_7B_MIX
+        {
+            "source": f"tokenized:{DATA_ROOT}/{name}",
+            "eval_source": f"tokenized:{DATA_ROOT}/{name}-validation",
+            "format": "packed",
+            "weight": weight,
+        }
+        for name, weight in MPT_7B_MIX
     ]
     # llm-foundry's mpt-7b.yaml recipe. The released run used LION (hyperparameters unpublished):
     # --config.optimizer.name=decoupled_lionw --config.optimizer.b2=0.99 with a lower lr.

@@ -4,7 +4,8 @@
     python -m mpt_jax.train --config=configs/7b_instruct.py --config.data.source=files:/data/dolly_hhrlhf/train.jsonl
 
 Data: jsonl records {"prompt": ..., "response": ...} (mosaicml/dolly_hhrlhf exported to jsonl), in
-the MPT-7B-Instruct template, loss on the response only, examples packed first-fit into 2048 tokens.
+the MPT-7B-Instruct template, loss on the response only, examples packed first-fit into 2048 tokens,
+each attending only to itself (model.attn_uses_sequence_id, set by finetuning_recipe).
 Recipe (the yaml's): decoupled AdamW lr 5e-6, betas (0.9, 0.999), no weight decay, linear decay to 0
 after 50 warmup steps, clipping 1.0, global batch 48, 2 epochs (about 2,500 steps for ~59k examples).
 """

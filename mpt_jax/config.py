@@ -2,9 +2,8 @@
 
 Field names follow llm-foundry's MPTConfig with the nested ``attn_config``, ``ffn_config`` and
 ``init_config`` flattened (``attn_type`` not ``attn_config.attn_type``), so a config reads the same
-here, in a ``--config.model.x=y`` override and in an HF ``config.json``. ``from_hf`` reads both HF
-flavours (transformers' native ``MptConfig`` and mosaicml's remote-code one); ``to_hf`` writes a
-config that transformers loads and that ``from_hf`` reads back unchanged.
+here, in a ``--config.model.x=y`` override and in an HF ``config.json`` (read and written by
+``hf_config.py``). Every llm-foundry 0.22 option that changes the math has a field here.
 """
 
 from __future__ import annotations
@@ -15,12 +14,37 @@ import os
 from typing import Any
 
 from mpt_jax.attention import names as attention_impls
-from mpt_jax.files import read_json
 
 ATTN_TYPES = ("multihead_attention", "multiquery_attention", "grouped_query_attention")
 FFN_TYPES = ("mptmlp", "mptglu")
-FFN_ACT_FNS = ("gelu", "gelu_tanh", "silu", "relu", "quick_gelu")
-NORM_TYPES = ("low_precision_layernorm", "layernorm")
+# llm-foundry takes any torch.nn.functional activation (plus quick_gelu); these are the ones we
+# implement, by their torch names ("gelu_tanh" is torch's gelu with approximate="tanh").
+FFN_ACT_FNS = (
+    "gelu",
+    "gelu_tanh",
+    "silu",
+    "relu",
+    "quick_gelu",
+    "leaky_relu",
+    "tanh",
+    "sigmoid",
+    "softplus",
+    "elu",
+    "selu",
+    "mish",
+    "relu6",
+)
+# LayerNorm (mean-subtracting, bias unless no_bias) and RMSNorm (no mean, never a bias). The
+# low-precision and triton variants are the same math in another kernel/precision.
+LAYER_NORMS = ("low_precision_layernorm", "layernorm")
+RMS_NORMS = ("rmsnorm", "low_precision_rmsnorm", "triton_rmsnorm")
+NORM_TYPES = LAYER_NORMS + RMS_NORMS
+# llm-foundry builds the attention's q_ln/k_ln without handing them norm_type or norm_eps: they
+# are LayerNorms with eps 1e-5 whatever the model's norms are.
+QK_NORM_EPS = 1e-5
+ROPE_IMPLS = ("dail", "hf")
+ROPE_DAIL_TYPES = ("original", "xpos")
+ROPE_HF_TYPES = ("no_scaling", "linear", "dynamic", "llama3")
 INIT_NAMES = (
     "kaiming_normal_",
     "kaiming_uniform_",
@@ -63,17 +87,40 @@ class MPTConfig:
     kv_n_heads: int | None = None  # grouped_query_attention only
     alibi: bool = True
     alibi_bias_max: int = 8
-    learned_pos_emb: bool = False  # ignored (forced off) when alibi is on, as in llm-foundry
+    learned_pos_emb: bool = False  # ignored (forced off) when alibi or rope is on, as in llm-foundry
     clip_qkv: float | None = None
-    qk_ln: bool = False
+    qk_ln: bool = False  # one norm over all heads' q (and k) features
+    qk_gn: bool = False  # one norm per head over head_dim, weights shared by the heads
+    fused_qkv: bool = True  # one Wqkv matmul; False: separate Wq, Wk, Wv weights
     softmax_scale: float | None = None  # default 1/sqrt(d_model / n_heads)
+    sliding_window_size: int = -1  # -1: off; else query i sees keys j with |i - j| <= window
+    attn_logit_softcapping: float | None = None  # scores -> c * tanh(scores / c), before ALiBi
     # llm-foundry's switch for packed documents attending only to themselves: the train step passes
     # the batch's segment ids to the model only when it is on (the model applies any it is given).
     attn_uses_sequence_id: bool = False
+    # Rotary position embedding (not in the released MPTs): llm-foundry's rope_dail_config and
+    # rope_hf_config, flattened.
+    rope: bool = False
+    rope_theta: float = 10000.0
+    rope_impl: str = "dail"  # "dail" (flash-attn's rotary) or "hf" (transformers' Llama rotary)
+    rope_dail_type: str = "original"  # or "xpos"
+    rope_dail_xpos_scale_base: float = 512.0
+    rope_dail_pos_idx_in_fp32: bool = True  # positions are float32 here either way
+    rope_hf_type: str = "no_scaling"  # or "linear", "dynamic", "llama3"
+    rope_hf_factor: float = 1.0
+    rope_hf_low_freq_factor: float | None = None  # llama3 only
+    rope_hf_high_freq_factor: float | None = None  # llama3 only
+    rope_hf_original_max_position_embeddings: int | None = None  # llama3 only
+    # Llama-4 attention temperature: q *= attn_scale * log(floor((pos + 1) / floor_scale) + 1) + 1
+    # with pos the position within the document; attn_scale 0 is off.
+    attn_temperature_floor_scale: float = 8192.0
+    attn_temperature_attn_scale: float = 0.0
 
     # Output, biases, norms, embedding.
     logit_scale: float | str | None = None  # a number or "inv_sqrt_d_model"
-    no_bias: bool = True
+    final_logit_softcapping: float | None = None  # logits -> c * tanh(logits / c), after logit_scale
+    no_bias: bool = True  # no bias in out_proj, the FFN and LayerNorms
+    attention_bias: bool | None = None  # bias in Wqkv (Wq/Wk/Wv); None: not no_bias
     norm_type: str = "low_precision_layernorm"
     norm_eps: float = 1e-5
     embedding_fraction: float = 1.0
@@ -127,7 +174,29 @@ class MPTConfig:
 
     @property
     def uses_learned_pos_emb(self) -> bool:
-        return self.learned_pos_emb and not self.alibi
+        return self.learned_pos_emb and not self.alibi and not self.rope
+
+    @property
+    def uses_positions(self) -> bool:
+        """Whether the model reads positions within each document (learned positions, temperature)."""
+        return self.uses_learned_pos_emb or self.uses_temperature_tuning
+
+    @property
+    def qkv_bias(self) -> bool:
+        return (not self.no_bias) if self.attention_bias is None else bool(self.attention_bias)
+
+    @property
+    def rms_norm(self) -> bool:
+        return self.norm_type in RMS_NORMS
+
+    @property
+    def norm_bias(self) -> bool:
+        """The block norms carry a bias unless no_bias or RMSNorm (torch.nn.RMSNorm has none)."""
+        return not self.no_bias and not self.rms_norm
+
+    @property
+    def uses_temperature_tuning(self) -> bool:
+        return self.attn_temperature_attn_scale != 0.0
 
     @property
     def attn_scale(self) -> float:
@@ -152,9 +221,12 @@ class MPTConfig:
         def bad(field: str, why: str) -> ValueError:
             return ValueError(f"MPTConfig.{field}={getattr(self, field)!r}: {why}")
 
+        for field in dataclasses.fields(self):
+            problem = _type_problem(field.type, getattr(self, field.name))
+            if problem:
+                raise bad(field.name, problem)
         for field in ("d_model", "n_heads", "n_layers", "max_seq_len", "vocab_size"):
-            value = getattr(self, field)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if getattr(self, field) < 1:
                 raise bad(field, "must be a positive integer")
         if self.d_model % self.n_heads:
             raise bad("d_model", f"must be divisible by n_heads={self.n_heads}")
@@ -171,45 +243,62 @@ class MPTConfig:
                 raise bad("expansion_ratio", f"d_model * expansion_ratio = {hidden} is not a positive integer")
         elif self.ffn_hidden_size < 1:
             raise bad("ffn_hidden_size", "must be a positive integer")
-        if self.ffn_type not in FFN_TYPES:
-            raise bad("ffn_type", f"unknown; expected one of {FFN_TYPES}")
-        if self.ffn_act_fn not in FFN_ACT_FNS:
-            raise bad("ffn_act_fn", f"unknown; expected one of {FFN_ACT_FNS}")
-        if self.norm_type not in NORM_TYPES:
-            raise bad("norm_type", f"unknown; expected one of {NORM_TYPES}")
-        if self.norm_eps <= 0:
-            raise bad("norm_eps", "must be positive")
-        if self.clip_qkv is not None and self.clip_qkv <= 0:
-            raise bad("clip_qkv", "must be positive or None")
-        if self.softmax_scale is not None and self.softmax_scale <= 0:
-            raise bad("softmax_scale", "must be positive or None")
+        choices = {
+            "ffn_type": FFN_TYPES,
+            "ffn_act_fn": FFN_ACT_FNS,
+            "norm_type": NORM_TYPES,
+            "rope_impl": ROPE_IMPLS,
+            "rope_dail_type": ROPE_DAIL_TYPES,
+            "rope_hf_type": ROPE_HF_TYPES,
+            "init_name": INIT_NAMES,
+            "init_fan_mode": ("fan_in", "fan_out"),
+            "init_nonlinearity": NONLINEARITIES,
+            "dtype": DTYPES,
+            "param_dtype": DTYPES,
+            "remat_policy": tuple(REMAT_POLICIES),
+            "attn_impl": ATTN_IMPLS,
+        }
+        for field, allowed in choices.items():
+            if getattr(self, field) not in allowed:
+                raise bad(field, f"unknown; expected one of {allowed}")
+        positive = ("norm_eps", "alibi_bias_max", "rope_theta", "rope_hf_factor", "rope_dail_xpos_scale_base")
+        for field in positive:
+            if getattr(self, field) <= 0:
+                raise bad(field, "must be positive")
+        for field in ("clip_qkv", "softmax_scale", "attn_logit_softcapping", "final_logit_softcapping"):
+            if getattr(self, field) is not None and getattr(self, field) <= 0:
+                raise bad(field, "must be positive or None")
+        if self.sliding_window_size < -1:
+            raise bad("sliding_window_size", "must be -1 (off) or a window >= 0")
+        if self.qk_ln and self.qk_gn:
+            raise bad("qk_gn", "qk_ln and qk_gn are exclusive (llm-foundry allows one of them)")
+        if self.rope and self.rope_impl == "hf" and self.rope_hf_type == "llama3":
+            for field in (
+                "rope_hf_low_freq_factor",
+                "rope_hf_high_freq_factor",
+                "rope_hf_original_max_position_embeddings",
+            ):
+                if getattr(self, field) is None:
+                    raise bad(field, "rope_hf_type='llama3' needs it")
+            if self.rope_hf_high_freq_factor <= self.rope_hf_low_freq_factor:
+                raise bad(
+                    "rope_hf_high_freq_factor", f"must exceed rope_hf_low_freq_factor={self.rope_hf_low_freq_factor}"
+                )
+        if self.rope and self.head_dim % 2:
+            raise bad("rope", f"rotary embeddings need an even head_dim, got {self.head_dim}")
+        if self.uses_temperature_tuning and self.attn_temperature_floor_scale <= 0:
+            raise bad("attn_temperature_floor_scale", "must be positive")
         if isinstance(self.logit_scale, str) and self.logit_scale != "inv_sqrt_d_model":
             raise bad("logit_scale", "must be a number, None or 'inv_sqrt_d_model'")
-        if self.alibi_bias_max <= 0:
-            raise bad("alibi_bias_max", "must be positive")
         if not 0.0 < self.embedding_fraction <= 1.0:
             raise bad("embedding_fraction", "must be in (0, 1]")
         for field in ("emb_pdrop", "attn_pdrop", "resid_pdrop"):
             if not 0.0 <= getattr(self, field) < 1.0:
                 raise bad(field, "must be in [0, 1)")
-        if self.init_name not in INIT_NAMES:
-            raise bad("init_name", f"unknown; expected one of {INIT_NAMES}")
-        if self.init_fan_mode not in ("fan_in", "fan_out"):
-            raise bad("init_fan_mode", "must be 'fan_in' or 'fan_out'")
-        if self.init_nonlinearity not in NONLINEARITIES:
-            raise bad("init_nonlinearity", f"unknown; expected one of {NONLINEARITIES}")
         if self.init_name == "baseline_" and self.init_std is None:
             raise bad("init_std", "init_name='baseline_' needs init_std")
         if self.init_name.startswith("xavier") and self.init_gain == 0:
             raise bad("init_gain", f"init_name={self.init_name!r} with gain 0 gives all-zero weights")
-        if self.dtype not in DTYPES:
-            raise bad("dtype", f"unknown; expected one of {DTYPES}")
-        if self.param_dtype not in DTYPES:
-            raise bad("param_dtype", f"unknown; expected one of {DTYPES}")
-        if self.remat_policy not in REMAT_POLICIES:
-            raise bad("remat_policy", f"unknown; expected one of {tuple(REMAT_POLICIES)}")
-        if self.attn_impl not in ATTN_IMPLS:
-            raise bad("attn_impl", f"unknown; expected one of {ATTN_IMPLS}")
         return self
 
     # ----------------------------------------------------------------------------------------
@@ -237,178 +326,43 @@ class MPTConfig:
         return ml_collections.ConfigDict(self.to_dict(), type_safe=False)
 
     # ----------------------------------------------------------------------------------------
-    # HuggingFace config.json, both flavours.
+    # HuggingFace config.json, both flavours (mpt_jax/hf_config.py).
 
     @classmethod
     def from_hf(cls, source: str | os.PathLike | dict[str, Any]) -> MPTConfig:
-        """Reads an HF MPT config: a dict, a config.json file or a folder holding one.
+        """Reads an HF MPT config (transformers' or llm-foundry's flavour): a dict, a config.json
+        file or a folder holding one. Unknown keys that could change the math are errors."""
+        from mpt_jax.hf_config import read_hf_config
 
-        Understands transformers' native format (``layer_norm_epsilon``, a nested ``attn_config``
-        with fewer keys) and mosaicml's remote-code / llm-foundry format (nested ``attn_config``,
-        ``ffn_config``, ``init_config``, ``norm_type``, ``norm_eps``).
-        """
-        where = "config dict"
-        if not isinstance(source, dict):
-            path = os.fspath(source)
-            if os.path.isdir(path):
-                path = os.path.join(path, "config.json")
-            where = path
-            source = read_json(path, what="HF config.json")
-        hf = dict(source)
-        if hf.get("model_type", "mpt") != "mpt":
-            raise ValueError(f"{where}: model_type={hf.get('model_type')!r}, expected 'mpt'")
-        attn = dict(hf.get("attn_config") or {})
-        ffn = dict(hf.get("ffn_config") or {})
-        init = dict(hf.get("init_config") or {})
-
-        for key in ("d_model", "n_heads", "n_layers", "vocab_size"):
-            if key not in hf:
-                raise ValueError(f"{where}: missing key {key!r}")
-        if attn.get("prefix_lm"):
-            raise ValueError(f"{where}: attn_config.prefix_lm=True is not supported")
-        if attn.get("rope"):
-            raise ValueError(f"{where}: attn_config.rope=True is not supported (MPT uses ALiBi)")
-        if ffn.get("ffn_type", "mptmlp") not in FFN_TYPES:
-            raise ValueError(
-                f"{where}: ffn_config.ffn_type={ffn.get('ffn_type')!r} is not supported; expected one of {FFN_TYPES}"
-            )
-        act = ffn.get("ffn_act_fn") or {"name": "gelu", "approximate": "none"}
-        act_name = act.get("name", "gelu")
-        if act_name == "gelu" and act.get("approximate", "none") == "tanh":
-            act_name = "gelu_tanh"
-
-        eps = hf.get("norm_eps", hf.get("layer_norm_epsilon", 1e-5))
-        div = init.get("init_div_is_residual", True)
-        fields: dict[str, Any] = dict(
-            d_model=hf["d_model"],
-            n_heads=hf["n_heads"],
-            n_layers=hf["n_layers"],
-            expansion_ratio=float(hf.get("expansion_ratio", 4)),
-            ffn_hidden_size=ffn.get("ffn_hidden_size"),
-            max_seq_len=hf.get("max_seq_len", 2048),
-            vocab_size=hf["vocab_size"],
-            attn_type=attn.get("attn_type", "multihead_attention"),
-            kv_n_heads=attn.get("kv_n_heads") if attn.get("attn_type") == "grouped_query_attention" else None,
-            alibi=bool(attn.get("alibi", True)),
-            alibi_bias_max=attn.get("alibi_bias_max", 8),
-            learned_pos_emb=bool(hf.get("learned_pos_emb", True)),
-            clip_qkv=attn.get("clip_qkv"),
-            qk_ln=bool(attn.get("qk_ln", False)),
-            softmax_scale=attn.get("softmax_scale"),
-            attn_uses_sequence_id=bool(attn.get("attn_uses_sequence_id", False)),
-            logit_scale=hf.get("logit_scale"),
-            no_bias=bool(hf.get("no_bias", True)),
-            norm_type=hf.get("norm_type", "low_precision_layernorm"),
-            norm_eps=float(eps),
-            embedding_fraction=float(hf.get("embedding_fraction", 1.0)),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", True)),
-            emb_pdrop=float(hf.get("emb_pdrop", 0.0)),
-            attn_pdrop=float(attn.get("attn_pdrop", 0.0)),
-            resid_pdrop=float(hf.get("resid_pdrop", 0.0)),
-            ffn_type=ffn.get("ffn_type", "mptmlp"),
-            ffn_act_fn=act_name,
-            init_name=init.get("name", "kaiming_normal_"),
-            init_fan_mode=init.get("fan_mode", "fan_in"),
-            init_nonlinearity=init.get("init_nonlinearity", "relu"),
-            init_div_is_residual=div if isinstance(div, bool) else float(div),
-            init_std=init.get("init_std"),
-            init_gain=float(init.get("init_gain", 0.0)),
-            emb_init_std=init.get("emb_init_std"),
-            emb_init_uniform_lim=init.get("emb_init_uniform_lim"),
-        )
-        if fields["attn_type"] == "grouped_query_attention" and fields["kv_n_heads"] is None:
-            raise ValueError(f"{where}: attn_config.attn_type='grouped_query_attention' needs attn_config.kv_n_heads")
-        if fields["norm_type"] not in NORM_TYPES:
-            raise ValueError(
-                f"{where}: norm_type={fields['norm_type']!r} is not supported; expected one of {NORM_TYPES}"
-            )
-        try:
-            return cls(**fields).validate()
-        except ValueError as e:
-            raise ValueError(f"{where}: {e}") from None
+        return read_hf_config(source)
 
     def to_hf(self) -> dict[str, Any]:
-        """A config.json dict: loads in transformers' MptConfig and reads back through from_hf.
+        """A config.json dict that llm-foundry and transformers load and ``from_hf`` reads back."""
+        from mpt_jax.hf_config import write_hf_config
 
-        It carries the llm-foundry fields too (ffn_config, init_config, norm_eps, kv_n_heads); note
-        that transformers' own MptForCausalLM implements only the released-model options (see
-        ``hf_native_unsupported``).
-        """
-        attn_config: dict[str, Any] = dict(
-            attn_type=self.attn_type,
-            attn_pdrop=_int_if_integral(self.attn_pdrop),  # transformers 5 types it as int
-            attn_impl="torch",
-            clip_qkv=self.clip_qkv,
-            softmax_scale=self.softmax_scale,
-            prefix_lm=False,
-            qk_ln=self.qk_ln,
-            attn_uses_sequence_id=self.attn_uses_sequence_id,
-            alibi=self.alibi,
-            alibi_bias_max=self.alibi_bias_max,
-        )
-        if self.attn_type == "grouped_query_attention":
-            attn_config["kv_n_heads"] = self.kv_n_heads
-        act: dict[str, Any] = {"name": self.ffn_act_fn}
-        if self.ffn_act_fn in ("gelu", "gelu_tanh"):
-            act = {"name": "gelu", "approximate": "tanh" if self.ffn_act_fn == "gelu_tanh" else "none"}
-        ffn_config: dict[str, Any] = {"ffn_type": self.ffn_type, "ffn_act_fn": act}
-        if self.ffn_hidden_size is not None:
-            ffn_config["ffn_hidden_size"] = self.ffn_hidden_size
-        return dict(
-            architectures=["MptForCausalLM"],
-            model_type="mpt",
-            d_model=self.d_model,
-            n_heads=self.n_heads,
-            n_layers=self.n_layers,
-            expansion_ratio=_int_if_integral(self.expansion_ratio),  # transformers 5 types it as int
-            max_seq_len=self.max_seq_len,
-            vocab_size=self.vocab_size,
-            attn_config=attn_config,
-            ffn_config=ffn_config,
-            init_config=dict(
-                name=self.init_name,
-                fan_mode=self.init_fan_mode,
-                init_nonlinearity=self.init_nonlinearity,
-                init_div_is_residual=self.init_div_is_residual,
-                init_std=self.init_std,
-                init_gain=self.init_gain,
-                emb_init_std=self.emb_init_std,
-                emb_init_uniform_lim=self.emb_init_uniform_lim,
-            ),
-            learned_pos_emb=self.learned_pos_emb,
-            logit_scale=self.logit_scale,
-            no_bias=self.no_bias,
-            norm_type=self.norm_type,
-            norm_eps=self.norm_eps,
-            layer_norm_epsilon=self.norm_eps,
-            embedding_fraction=self.embedding_fraction,
-            emb_pdrop=self.emb_pdrop,
-            resid_pdrop=self.resid_pdrop,
-            tie_word_embeddings=self.tie_word_embeddings,
-            use_cache=False,
-        )
+        return write_hf_config(self)
 
     def hf_native_unsupported(self) -> list[str]:
         """Options that transformers' native MptForCausalLM ignores or cannot load, with values."""
-        default = MPTConfig()
-        out = []
-        if self.attn_type != "multihead_attention":
-            out.append(f"attn_type={self.attn_type!r}")
-        if not self.alibi:
-            out.append("alibi=False")
-        if self.alibi_bias_max != 8:
-            out.append(f"alibi_bias_max={self.alibi_bias_max}")
-        if self.uses_learned_pos_emb:
-            out.append("learned_pos_emb=True")
-        if self.qk_ln:
-            out.append("qk_ln=True")
-        if self.ffn_dim != 4 * self.d_model:
-            out.append(f"ffn hidden size {self.ffn_dim} != 4 * d_model")
-        for field in ("logit_scale", "no_bias", "embedding_fraction", "ffn_type", "ffn_act_fn", "tie_word_embeddings"):
-            if getattr(self, field) != getattr(default, field):
-                out.append(f"{field}={getattr(self, field)!r}")
-        return out
+        from mpt_jax.hf_config import native_unsupported
+
+        return native_unsupported(self)
 
 
-def _int_if_integral(x: float) -> int | float:
-    return int(x) if float(x).is_integer() else x
+def _type_problem(annotation: str, value: Any) -> str | None:
+    """Why ``value`` does not fit a field annotated ``annotation`` (e.g. "float | None"), or None.
+
+    Integers are accepted where floats are; booleans only where bool is named.
+    """
+    kinds = [k.strip() for k in str(annotation).split("|")]
+    if value is None:
+        return None if "None" in kinds else "must not be None"
+    if isinstance(value, bool):
+        return None if "bool" in kinds else f"must be {' or '.join(kinds)}, not a bool"
+    if isinstance(value, int) and ("int" in kinds or "float" in kinds):
+        return None
+    if isinstance(value, float) and "float" in kinds:
+        return None
+    if isinstance(value, str) and "str" in kinds:
+        return None
+    return f"must be {' or '.join(kinds)}, got {type(value).__name__}"

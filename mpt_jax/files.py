@@ -44,6 +44,21 @@ def atomic_output_dir(path: str, *, overwrite: bool = False) -> Iterator[str]:
             os.remove(old)
 
 
+def check_folder_path(path: str, *, what: str) -> None:
+    """Raises ValueError when ``path`` cannot become a folder: it, or the nearest existing folder
+    above it, is a file. Checked before work starts, so a run does not fail at its first write."""
+    path = os.path.abspath(os.fspath(path))
+    probe = path
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            return
+        probe = parent
+    if not os.path.isdir(probe):
+        where = "is a file" if probe == path else f"is inside {probe}, which is a file"
+        raise ValueError(f"{what}={path} {where}; give a folder")
+
+
 def read_json(path: str, *, what: str = "JSON file") -> Any:
     """Parses a JSON file; a missing file or bad JSON is an error naming the file (and line)."""
     if not os.path.isfile(path):

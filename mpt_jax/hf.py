@@ -105,31 +105,37 @@ def tensor_maps(cfg: MPTConfig) -> list[TensorMap]:
     if cfg.uses_learned_pos_emb:
         maps.append(_table("transformer.wpe.weight", ("wpe", "embedding"), (cfg.max_seq_len, d)))
 
-    def norm(hf: str, path: Path, shape: tuple[int, ...]) -> list[TensorMap]:
+    def norm(hf: str, path: Path, shape: tuple[int, ...], with_bias: bool = cfg.norm_bias) -> list[TensorMap]:
         out = [_vector(f"{hf}.weight", path + ("scale",), shape)]
-        if bias:
+        if with_bias:
             out.append(_vector(f"{hf}.bias", path + ("bias",), shape))
         return out
 
-    def linear(hf: str, path: Path, in_shape, out_shape) -> list[TensorMap]:
+    def linear(hf: str, path: Path, in_shape, out_shape, with_bias: bool = bias) -> list[TensorMap]:
         out = [_linear(f"{hf}.weight", path + ("kernel",), in_shape, out_shape)]
-        if bias:
+        if with_bias:
             out.append(_vector(f"{hf}.bias", path + ("bias",), out_shape))
         return out
 
     blk, b = "transformer.blocks.{i}", ("blocks",)
+    attn = b + ("attn",)
     maps += norm(f"{blk}.norm_1", b + ("norm_1",), (d,))
-    if cfg.attn_type == "multihead_attention":
-        maps += linear(f"{blk}.attn.Wqkv", b + ("attn", "Wqkv"), (d,), (3, h, hd))
+    if not cfg.fused_qkv:
+        maps += linear(f"{blk}.attn.Wq", attn + ("Wq",), (d,), (h, hd), cfg.qkv_bias)
+        maps += linear(f"{blk}.attn.Wk", attn + ("Wk",), (d,), (hkv, hd), cfg.qkv_bias)
+        maps += linear(f"{blk}.attn.Wv", attn + ("Wv",), (d,), (hkv, hd), cfg.qkv_bias)
+    elif cfg.attn_type == "multihead_attention":
+        maps += linear(f"{blk}.attn.Wqkv", attn + ("Wqkv",), (d,), (3, h, hd), cfg.qkv_bias)
     else:
-        q, kv = b + ("attn", "Wq"), b + ("attn", "Wkv")
+        q, kv = attn + ("Wq",), attn + ("Wkv",)
         maps.append(_split_qkv(f"{blk}.attn.Wqkv.weight", q + ("kernel",), kv + ("kernel",), cfg, bias=False))
-        if bias:
+        if cfg.qkv_bias:
             maps.append(_split_qkv(f"{blk}.attn.Wqkv.bias", q + ("bias",), kv + ("bias",), cfg, bias=True))
-    if cfg.qk_ln:
-        maps += norm(f"{blk}.attn.q_ln", b + ("attn", "q_ln"), (h, hd))
-        maps += norm(f"{blk}.attn.k_ln", b + ("attn", "k_ln"), (hkv, hd))
-    maps += linear(f"{blk}.attn.out_proj", b + ("attn", "out_proj"), (h, hd), (d,))
+    if cfg.qk_ln or cfg.qk_gn:  # LayerNorms whatever norm_type is (see model.Norm)
+        q_shape, k_shape = ((h, hd), (hkv, hd)) if cfg.qk_ln else ((hd,), (hd,))
+        maps += norm(f"{blk}.attn.q_ln", attn + ("q_ln",), q_shape, with_bias=bias)
+        maps += norm(f"{blk}.attn.k_ln", attn + ("k_ln",), k_shape, with_bias=bias)
+    maps += linear(f"{blk}.attn.out_proj", attn + ("out_proj",), (h, hd), (d,))
     maps += norm(f"{blk}.norm_2", b + ("norm_2",), (d,))
     maps += linear(f"{blk}.ffn.up_proj", b + ("ffn", "up_proj"), (d,), (f,))
     if cfg.ffn_type == "mptglu":
@@ -242,13 +248,28 @@ class CheckpointReader:
         self._open.clear()
 
 
+_HUB_NAME = r"[A-Za-z0-9](?:[\w.-]*[A-Za-z0-9])?"
+
+
+def is_hub_id(path: str) -> bool:
+    """``owner/name`` that is not a local path: the only strings sent to the hub. ``workdirs/x``
+    is local when ``workdirs/`` exists; ``./x``, ``/x``, ``~/x`` and ``x/y/`` always are."""
+    owner, _, name = path.partition("/")
+    return bool(
+        re.fullmatch(_HUB_NAME, owner)
+        and re.fullmatch(_HUB_NAME, name)
+        and not os.path.exists(path)
+        and not os.path.isdir(owner)
+    )
+
+
 def resolve_hf_path(path_or_hub_id: str | os.PathLike) -> str:
     """A local folder as is; otherwise a hub id, downloaded (config, weights, tokenizer files)."""
     path = os.fspath(path_or_hub_id)
-    if os.path.isdir(path):
-        return path
-    if os.path.exists(path) or path.startswith((".", "/")) or path.count("/") != 1:
-        raise FileNotFoundError(f"{path}: not a folder, and not a hub id of the form 'owner/name'")
+    if os.path.isdir(os.path.expanduser(path)):
+        return os.path.expanduser(path)
+    if not is_hub_id(path):
+        raise FileNotFoundError(f"no such folder: {path} (not a folder, and not a hub id of the form 'owner/name')")
     from huggingface_hub import list_repo_files, snapshot_download
 
     try:

@@ -299,28 +299,32 @@ class MetricsWriter:
         if self.console:
             logging.info("%s", format_console(step, values))
 
-    def truncate_after(self, step: int) -> None:
-        """Keeps only jsonl lines with ``"step" <= step`` (atomically), for a resume from ``step``.
+    def truncate_after(self, step: int) -> int:
+        """Keeps only jsonl lines with ``"step" <= step`` (atomically), for a resume from ``step``;
+        returns how many lines were dropped.
 
-        Lines that do not parse are dropped too. TensorBoard is told to hide the old events of
-        steps > ``step`` (tensorboardX's purge_step); W&B cannot rewind and drops the repeats.
+        Every record counts, eval ones (``eval_*`` keys) too; lines that do not parse are dropped.
+        TensorBoard is told to hide the old events of steps > ``step`` (tensorboardX's purge_step);
+        W&B cannot rewind and drops the repeats.
         """
         if not self.enabled:
-            return
+            return 0
         step = int(step)
         if self._tb is not None:  # a new event file, starting with the purge marker
             self._tb.close()
             self._tb = None
         self._tb_purge_step = step + 1
         if self.path is None:
-            return
+            return 0
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
         kept = []
+        total = 0
         if os.path.exists(self.path):
             with open(self.path, encoding="utf-8") as f:
                 for line in f:
+                    total += 1
                     try:
                         record = json.loads(line)
                     except json.JSONDecodeError:
@@ -340,6 +344,7 @@ class MetricsWriter:
                 os.remove(tmp)
             raise
         self._open()
+        return total - len(kept)
 
     def close(self) -> None:
         """Flushes and closes everything; safe to call twice."""

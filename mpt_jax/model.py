@@ -1,14 +1,15 @@
 """The MPT decoder in Flax linen, top to bottom as in llm-foundry's ``modeling_mpt.py``.
 
-    x = wte(tokens) [+ wpe(positions)]             # no position embedding with ALiBi
+    x = wte(tokens) [+ wpe(positions)]             # no position embedding with ALiBi or RoPE
     for each block:                                   # nn.scan: one compiled block, stacked params
-        x = x + attn(norm_1(x))                       # fused Wqkv, ALiBi, causal, segment ids
+        x = x + attn(norm_1(x))                       # Wqkv, clip, qk-norm, RoPE, ALiBi, causal,
+                                                      # segment ids, sliding window, softcap
         x = x + ffn(norm_2(x))                        # up -> exact GELU -> down (or GLU)
-    logits = norm_f(x) @ wte.T  [* logit_scale]       # tied head
+    logits = norm_f(x) @ wte.T  [* logit_scale]       # tied head [then final softcap]
 
 Parameters live in ``cfg.param_dtype`` and every one carries logical axis names (``vocab``,
 ``embed``, ``heads``, ``kv_heads``, ``head_dim``, ``qkv``, ``mlp``, ``layers``) for sharding.
-Matmuls run in ``cfg.dtype``; LayerNorm, attention scores, softmax and logits are float32.
+Matmuls run in ``cfg.dtype``; norms, attention scores, softmax and logits are float32.
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ import jax
 import jax.numpy as jnp
 
 from mpt_jax.attention import alibi_slopes, attend
-from mpt_jax.config import REMAT_POLICIES, MPTConfig
+from mpt_jax.config import QK_NORM_EPS, REMAT_POLICIES, MPTConfig
 from mpt_jax.initializers import embedding_init, weight_init
+from mpt_jax.rope import apply_rope
 
 # Logical names of activations; sharding rules map them to mesh axes.
 BATCH, LENGTH, EMBED_ACT, MLP_ACT = "activation_batch", "activation_length", "activation_embed", "activation_mlp"
@@ -35,14 +37,28 @@ def _param(module: nn.Module, name: str, init, shape: Sequence[int], axes: Seque
     )
 
 
-def _activation(name: str):
-    if name == "gelu":
-        return lambda x: jax.nn.gelu(x, approximate=False)
-    if name == "gelu_tanh":
-        return lambda x: jax.nn.gelu(x, approximate=True)
-    if name == "quick_gelu":
-        return lambda x: x * jax.nn.sigmoid(1.702 * x)
-    return {"silu": jax.nn.silu, "relu": jax.nn.relu}[name]
+# The feed-forward activations by their torch.nn.functional names (config.FFN_ACT_FNS), with torch's
+# default arguments. "gelu" is the exact (erf) one; JAX's default gelu is the tanh approximation.
+ACTIVATIONS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "silu": jax.nn.silu,
+    "relu": jax.nn.relu,
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "leaky_relu": lambda x: jax.nn.leaky_relu(x, 0.01),
+    "tanh": jnp.tanh,
+    "sigmoid": jax.nn.sigmoid,
+    "softplus": lambda x: jnp.where(x > 20.0, x, jax.nn.softplus(x)),  # torch's threshold=20
+    "elu": jax.nn.elu,
+    "selu": jax.nn.selu,
+    "mish": lambda x: x * jnp.tanh(jax.nn.softplus(x)),
+    "relu6": jax.nn.relu6,
+}
+
+
+def softcap(x: jax.Array, cap: float | None) -> jax.Array:
+    """cap * tanh(x / cap) (Gemma's logit softcapping); the identity when cap is None."""
+    return x if cap is None else cap * jnp.tanh(x / cap)
 
 
 class Linear(nn.Module):
@@ -52,6 +68,7 @@ class Linear(nn.Module):
     features: tuple[int, ...]
     axes: tuple[str, ...]  # logical names of the kernel axes, inputs then outputs
     n_in: int = 1
+    bias: bool = False
     residual: bool = False  # residual projections get llm-foundry's scaled-down init
     fused: bool = False  # the last output axis is one slice of a fused weight (per-head Wqkv init)
 
@@ -68,30 +85,39 @@ class Linear(nn.Module):
         y = (x.astype(dtype).reshape(-1, n_in) @ kernel.astype(dtype).reshape(n_in, n_out)).reshape(
             *x.shape[: x.ndim - self.n_in], *self.features
         )
-        if not cfg.no_bias:
+        if self.bias:
             bias = _param(self, "bias", nn.initializers.zeros, self.features, self.axes[self.n_in :])
             y = y + bias.astype(dtype)
         return y
 
 
-class LayerNorm(nn.Module):
-    """LayerNorm in float32 over the trailing ``len(shape)`` axes; the bias exists only if not no_bias."""
+class Norm(nn.Module):
+    """A norm in float32 over the trailing ``len(shape)`` axes: cfg.norm_type's LayerNorm (biased
+    variance; a bias unless no_bias) or RMSNorm (no mean, no bias), with cfg.norm_eps.
+
+    ``qk=True`` is llm-foundry's q_ln/k_ln, which its attention layer builds without being handed
+    norm_type or norm_eps: always a LayerNorm with eps 1e-5 (a bias unless no_bias).
+    """
 
     cfg: MPTConfig
     shape: tuple[int, ...]
     axes: tuple[str, ...]
+    qk: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        rms = cfg.rms_norm and not self.qk
+        eps = QK_NORM_EPS if self.qk else cfg.norm_eps
         reduce = tuple(range(x.ndim - len(self.shape), x.ndim))
-        x32 = x.astype(jnp.float32)
-        mean = x32.mean(reduce, keepdims=True)
-        var = jnp.square(x32 - mean).mean(reduce, keepdims=True)
-        y = (x32 - mean) * jax.lax.rsqrt(var + self.cfg.norm_eps)
+        y = x.astype(jnp.float32)
+        if not rms:
+            y = y - y.mean(reduce, keepdims=True)
+        y = y * jax.lax.rsqrt(jnp.square(y).mean(reduce, keepdims=True) + eps)
         y = y * _param(self, "scale", nn.initializers.ones, self.shape, self.axes).astype(jnp.float32)
-        if not self.cfg.no_bias:
+        if not cfg.no_bias and not rms:
             y = y + _param(self, "bias", nn.initializers.zeros, self.shape, self.axes).astype(jnp.float32)
-        return y.astype(self.cfg.dtype)
+        return y.astype(cfg.dtype)
 
 
 class Embedding(nn.Module):
@@ -115,35 +141,55 @@ class Embedding(nn.Module):
 
 
 class Attention(nn.Module):
-    """Fused-QKV attention with MHA/MQA/GQA, clip_qkv, qk_ln and ALiBi.
+    """llm-foundry's attention: MHA/MQA/GQA, clip_qkv, qk_ln/qk_gn, temperature tuning, RoPE,
+    then scaled scores with softcap, ALiBi, causal/segment/sliding-window masks.
 
-    MHA keeps llm-foundry's single fused Wqkv as one kernel [d, 3, heads, head_dim] (one matmul,
-    shardable over heads); MQA/GQA split it into Wq [d, heads, hd] and Wkv [d, 2, kv_heads, hd].
+    Projections: MHA keeps llm-foundry's fused Wqkv as one kernel [d, 3, heads, head_dim] (one
+    matmul, shardable over heads); MQA/GQA split it into Wq [d, heads, hd] and Wkv [d, 2, kv_heads,
+    hd]; ``fused_qkv=False`` has separate Wq, Wk, Wv as llm-foundry does.
     """
 
     cfg: MPTConfig
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x: jax.Array, segment_ids: jax.Array | None) -> jax.Array:
+    def __call__(self, x: jax.Array, segment_ids: jax.Array | None, positions: jax.Array | None) -> jax.Array:
         cfg = self.cfg
         n_heads, n_kv, head_dim = cfg.n_heads, cfg.num_kv_heads, cfg.head_dim
+
+        def proj(features, axes, name):
+            return clip(Linear(cfg, features, axes, bias=cfg.qkv_bias, fused=True, name=name)(x))
 
         def clip(t: jax.Array) -> jax.Array:
             return t if cfg.clip_qkv is None else jnp.clip(t, -cfg.clip_qkv, cfg.clip_qkv)
 
-        if cfg.attn_type == "multihead_attention":
-            qkv_axes = ("embed", "qkv", "heads", "head_dim")
-            qkv = clip(Linear(cfg, (3, n_heads, head_dim), qkv_axes, fused=True, name="Wqkv")(x))
+        if not cfg.fused_qkv:
+            q = proj((n_heads, head_dim), ("embed", "heads", "head_dim"), "Wq")
+            k = proj((n_kv, head_dim), ("embed", "kv_heads", "head_dim"), "Wk")
+            v = proj((n_kv, head_dim), ("embed", "kv_heads", "head_dim"), "Wv")
+        elif cfg.attn_type == "multihead_attention":
+            qkv = proj((3, n_heads, head_dim), ("embed", "qkv", "heads", "head_dim"), "Wqkv")
             q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         else:
-            q = clip(Linear(cfg, (n_heads, head_dim), ("embed", "heads", "head_dim"), fused=True, name="Wq")(x))
-            kv_axes = ("embed", "qkv", "kv_heads", "head_dim")
-            kv = clip(Linear(cfg, (2, n_kv, head_dim), kv_axes, fused=True, name="Wkv")(x))
+            q = proj((n_heads, head_dim), ("embed", "heads", "head_dim"), "Wq")
+            kv = proj((2, n_kv, head_dim), ("embed", "qkv", "kv_heads", "head_dim"), "Wkv")
             k, v = kv[:, :, 0], kv[:, :, 1]
-        if cfg.qk_ln:  # one LayerNorm over all heads' features, as llm-foundry's q_ln / k_ln
-            q = LayerNorm(cfg, (n_heads, head_dim), ("heads", "head_dim"), name="q_ln")(q)
-            k = LayerNorm(cfg, (n_kv, head_dim), ("kv_heads", "head_dim"), name="k_ln")(k)
+        if cfg.qk_ln:  # one norm over all heads' features of a token (q_ln / k_ln)
+            q = Norm(cfg, (n_heads, head_dim), ("heads", "head_dim"), qk=True, name="q_ln")(q)
+            k = Norm(cfg, (n_kv, head_dim), ("kv_heads", "head_dim"), qk=True, name="k_ln")(k)
+        elif cfg.qk_gn:  # one norm per head over head_dim, its weights shared by the heads
+            q = Norm(cfg, (head_dim,), ("head_dim",), qk=True, name="q_ln")(q)
+            k = Norm(cfg, (head_dim,), ("head_dim",), qk=True, name="k_ln")(k)
+
+        length = x.shape[1]
+        row_positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), x.shape[:2])
+        if cfg.uses_temperature_tuning:  # Llama 4's attention temperature, by position in the document
+            pos = (row_positions if positions is None else positions).astype(jnp.float32)
+            floor = jnp.floor((pos + 1.0) / cfg.attn_temperature_floor_scale)
+            temperature = jnp.log(floor + 1.0) * cfg.attn_temperature_attn_scale + 1.0
+            q = (q.astype(jnp.float32) * temperature[:, :, None, None]).astype(q.dtype)
+        if cfg.rope:  # by position in the row, not restarted for packed documents
+            q, k = apply_rope(q, k, row_positions, cfg, seq_len=length)
 
         slopes = jnp.asarray(alibi_slopes(n_heads, cfg.alibi_bias_max)) if cfg.alibi else None
         use_dropout = cfg.attn_pdrop > 0.0 and not self.deterministic
@@ -155,11 +201,14 @@ class Attention(nn.Module):
             alibi_slopes=slopes,
             segment_ids=segment_ids,
             softmax_scale=cfg.attn_scale,
+            sliding_window=cfg.sliding_window_size if cfg.sliding_window_size >= 0 else None,
+            logit_softcap=cfg.attn_logit_softcapping,
             dropout_rate=cfg.attn_pdrop if use_dropout else 0.0,
             dropout_rng=self.make_rng("dropout") if use_dropout else None,
             impl=cfg.attn_impl,
         )
-        return Linear(cfg, (cfg.d_model,), ("heads", "head_dim", "embed"), n_in=2, residual=True, name="out_proj")(out)
+        out_axes = ("heads", "head_dim", "embed")
+        return Linear(cfg, (cfg.d_model,), out_axes, n_in=2, bias=not cfg.no_bias, residual=True, name="out_proj")(out)
 
 
 class FeedForward(nn.Module):
@@ -170,14 +219,14 @@ class FeedForward(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.cfg
-        act = _activation(cfg.ffn_act_fn)
-        h = Linear(cfg, (cfg.ffn_dim,), ("embed", "mlp"), name="up_proj")(x)
+        act, bias = ACTIVATIONS[cfg.ffn_act_fn], not cfg.no_bias
+        h = Linear(cfg, (cfg.ffn_dim,), ("embed", "mlp"), bias=bias, name="up_proj")(x)
         if cfg.ffn_type == "mptglu":
-            h = act(Linear(cfg, (cfg.ffn_dim,), ("embed", "mlp"), name="gate_proj")(x)) * h
+            h = act(Linear(cfg, (cfg.ffn_dim,), ("embed", "mlp"), bias=bias, name="gate_proj")(x)) * h
         else:
             h = act(h)
         h = nn.with_logical_constraint(h, (BATCH, LENGTH, MLP_ACT))
-        return Linear(cfg, (cfg.d_model,), ("mlp", "embed"), residual=True, name="down_proj")(h)
+        return Linear(cfg, (cfg.d_model,), ("mlp", "embed"), bias=bias, residual=True, name="down_proj")(h)
 
 
 class Block(nn.Module):
@@ -187,13 +236,15 @@ class Block(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x: jax.Array, segment_ids: jax.Array | None) -> tuple[jax.Array, None]:
+    def __call__(
+        self, x: jax.Array, segment_ids: jax.Array | None, positions: jax.Array | None
+    ) -> tuple[jax.Array, None]:
         cfg = self.cfg
         dropout = nn.Dropout(cfg.resid_pdrop, deterministic=self.deterministic)
         norm = (cfg.d_model,), ("embed",)
-        h = LayerNorm(cfg, *norm, name="norm_1")(x)
-        x = x + dropout(Attention(cfg, self.deterministic, name="attn")(h, segment_ids))
-        h = LayerNorm(cfg, *norm, name="norm_2")(x)
+        h = Norm(cfg, *norm, name="norm_1")(x)
+        x = x + dropout(Attention(cfg, self.deterministic, name="attn")(h, segment_ids, positions))
+        h = Norm(cfg, *norm, name="norm_2")(x)
         x = x + dropout(FeedForward(cfg, name="ffn")(h))
         return nn.with_logical_constraint(x, (BATCH, LENGTH, EMBED_ACT)), None
 
@@ -202,8 +253,9 @@ class MPT(nn.Module):
     """MPT causal language model: tokens [batch, length] -> float32 logits [batch, length, vocab].
 
     ``segment_ids`` (int [batch, length]) restricts attention to tokens of the same packed
-    document; ``positions`` feed the learned position embedding (models without ALiBi) and default
-    to 0..length-1. ``deterministic=False`` turns dropout on and needs a 'dropout' rng.
+    document; ``positions`` (positions within each document) feed the learned position embedding
+    and the attention temperature, and default to 0..length-1 (RoPE always uses the row index, as
+    llm-foundry does). ``deterministic=False`` turns dropout on and needs a 'dropout' rng.
     """
 
     cfg: MPTConfig
@@ -228,9 +280,8 @@ class MPT(nn.Module):
                 raise ValueError(
                     f"MPT: length {length} exceeds max_seq_len={cfg.max_seq_len} of the learned position embedding"
                 )
-            if positions is None:
-                positions = jnp.broadcast_to(jnp.arange(length), tokens.shape)
-            x = x + Embedding(cfg, cfg.max_seq_len, ("length", "embed"), name="wpe")(positions)
+            wpe_positions = jnp.broadcast_to(jnp.arange(length), tokens.shape) if positions is None else positions
+            x = x + Embedding(cfg, cfg.max_seq_len, ("length", "embed"), name="wpe")(wpe_positions)
         if cfg.embedding_fraction < 1.0:  # forward unchanged; the embedding's gradient scaled
             x = cfg.embedding_fraction * x + (1.0 - cfg.embedding_fraction) * jax.lax.stop_gradient(x)
         x = nn.Dropout(cfg.emb_pdrop, deterministic=deterministic)(x)
@@ -238,28 +289,26 @@ class MPT(nn.Module):
 
         block = Block
         if cfg.remat_policy != "none":
-            block = nn.remat(
-                Block, policy=getattr(jax.checkpoint_policies, REMAT_POLICIES[cfg.remat_policy]), prevent_cse=False
-            )
+            policy = getattr(jax.checkpoint_policies, REMAT_POLICIES[cfg.remat_policy])
+            block = nn.remat(Block, policy=policy, prevent_cse=False)
         blocks = nn.scan(
             block,
             variable_axes={"params": 0},
             split_rngs={"params": True, "dropout": True},
-            in_axes=(nn.broadcast,),
+            in_axes=(nn.broadcast, nn.broadcast),
             length=cfg.n_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
-        x, _ = blocks(cfg, deterministic, name="blocks")(x, segment_ids)
+        x, _ = blocks(cfg, deterministic, name="blocks")(x, segment_ids, positions)
 
-        h = LayerNorm(cfg, (cfg.d_model,), ("embed",), name="norm_f")(x)
+        h = Norm(cfg, (cfg.d_model,), ("embed",), name="norm_f")(x)
         if cfg.tie_word_embeddings:
             logits = wte.attend(h)
         else:
-            logits = Linear(cfg.replace(no_bias=True), (cfg.vocab_size,), ("embed", "vocab"), name="lm_head")(h)
-            logits = logits.astype(jnp.float32)
+            logits = Linear(cfg, (cfg.vocab_size,), ("embed", "vocab"), name="lm_head")(h).astype(jnp.float32)
         if cfg.logit_multiplier is not None:
             logits = logits * cfg.logit_multiplier
-        return logits
+        return softcap(logits, cfg.final_logit_softcapping)
 
 
 def param_shapes(cfg: MPTConfig, length: int = 8):

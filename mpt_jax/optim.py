@@ -63,6 +63,11 @@ _NO_DECAY_NAMES = ("bias", "embedding", "wte", "wpe")
 
 DecayMask = Any | Callable[[Any], Any] | None
 
+# Where each setting lives in a run config (run_config.py): errors name the key a user sets.
+_OPT = "config.optimizer"
+_SCHED = "config.schedule"
+_TRAIN = "config.train"
+
 
 def optimizer_config(**overrides: Any) -> ml_collections.ConfigDict:
     """The defaults of a config's ``optimizer`` section, with ``overrides`` applied.
@@ -110,7 +115,7 @@ def make_schedule(schedule: Mapping[str, Any], *, lr: float, max_steps: int) -> 
     """
     name, t_warmup, alpha_f = _parse_schedule(schedule, max_steps)
     multiplier = _multiplier_fn(name, t_warmup, alpha_f, max_steps)
-    lr = _number("optimizer", "lr", lr, minimum=0.0)
+    lr = _number(_OPT, "lr", lr, minimum=0.0)
 
     def schedule_fn(count: jax.typing.ArrayLike) -> jax.Array:
         return lr * multiplier(count)
@@ -187,7 +192,7 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
     Differs from optax.clip_by_global_norm only by torch's 1e-6, kept so clipped steps are the same
     as llm-foundry's (Composer's ``gradient_clipping: norm``).
     """
-    max_norm = _number("optimizer", "grad_clip_norm", max_norm, minimum=0.0)
+    max_norm = _number(_OPT, "grad_clip_norm", max_norm, minimum=0.0)
 
     def init_fn(params: Any) -> optax.EmptyState:
         del params
@@ -365,41 +370,42 @@ def _multiplier_fn(name: str, t_warmup: int, alpha_f: float, max_steps: int) -> 
 
 def _parse_schedule(schedule: Mapping[str, Any], max_steps: int) -> tuple[str, int, float]:
     cfg = _as_dict(schedule)
-    _check_keys("schedule", cfg, _SCHEDULE_DEFAULTS)
+    _check_keys(_SCHED, cfg, _SCHEDULE_DEFAULTS)
     name = cfg.get("name")
     if name not in SCHEDULES:
-        raise ValueError(f"unknown schedule name {name!r}; known: {', '.join(SCHEDULES)}")
-    max_steps = _integer("schedule", "max_steps", max_steps)
+        raise ValueError(f"unknown schedule name {_SCHED}.name={name!r}; known: {', '.join(SCHEDULES)}")
+    max_steps = _integer(_TRAIN, "max_steps", max_steps)
     if name == "constant":
         return name, 0, 1.0
     if cfg.get("t_warmup") is None:
-        raise ValueError(f"schedule {name!r} needs t_warmup (in steps)")
-    t_warmup = _integer("schedule", "t_warmup", cfg["t_warmup"])
+        raise ValueError(f"{_SCHED}.name={name!r} needs {_SCHED}.t_warmup (in steps)")
+    t_warmup = _integer(_SCHED, "t_warmup", cfg["t_warmup"])
     if t_warmup > max_steps:
-        raise ValueError(f"schedule t_warmup={t_warmup} is greater than max_steps={max_steps}")
-    alpha_f = _number("schedule", "alpha_f", cfg.get("alpha_f", 0.0))
+        raise ValueError(
+            f"{_SCHED}.t_warmup={t_warmup} is greater than max_steps={max_steps} ({_TRAIN}.max_steps): "
+            "the warm-up would never end"
+        )
+    alpha_f = _number(_SCHED, "alpha_f", cfg.get("alpha_f", 0.0))
     return name, t_warmup, alpha_f
 
 
 def _parse_optimizer(optimizer: Mapping[str, Any]) -> dict[str, Any]:
     cfg = _as_dict(optimizer)
-    _check_keys("optimizer", cfg, _OPTIMIZER_DEFAULTS)
+    _check_keys(_OPT, cfg, _OPTIMIZER_DEFAULTS)
     opt = {**_OPTIMIZER_DEFAULTS, **cfg}
     if opt["name"] not in OPTIMIZERS:
-        raise ValueError(f"unknown optimizer name {opt['name']!r}; known: {', '.join(OPTIMIZERS)}")
-    opt["lr"] = _number("optimizer", "lr", opt["lr"], minimum=0.0)
+        raise ValueError(f"unknown optimizer name {_OPT}.name={opt['name']!r}; known: {', '.join(OPTIMIZERS)}")
+    opt["lr"] = _number(_OPT, "lr", opt["lr"], minimum=0.0)
     for beta in ("b1", "b2"):
-        opt[beta] = _number("optimizer", beta, opt[beta], minimum=0.0)
+        opt[beta] = _number(_OPT, beta, opt[beta], minimum=0.0)
         if opt[beta] >= 1.0:
-            raise ValueError(f"optimizer {beta}={opt[beta]} must be < 1")
-    opt["eps"] = _number("optimizer", "eps", opt["eps"], minimum=0.0)
-    opt["weight_decay"] = _number("optimizer", "weight_decay", opt["weight_decay"], minimum=0.0)
+            raise ValueError(f"{_OPT}.{beta}={opt[beta]} must be < 1")
+    opt["eps"] = _number(_OPT, "eps", opt["eps"], minimum=0.0)
+    opt["weight_decay"] = _number(_OPT, "weight_decay", opt["weight_decay"], minimum=0.0)
     if opt["grad_clip_norm"] is not None:
-        opt["grad_clip_norm"] = _number("optimizer", "grad_clip_norm", opt["grad_clip_norm"], minimum=0.0)
+        opt["grad_clip_norm"] = _number(_OPT, "grad_clip_norm", opt["grad_clip_norm"], minimum=0.0)
     if not isinstance(opt["decay_norms_and_embeddings"], bool | np.bool_):
-        raise ValueError(
-            f"optimizer decay_norms_and_embeddings must be a bool, got {opt['decay_norms_and_embeddings']!r}"
-        )
+        raise ValueError(f"{_OPT}.decay_norms_and_embeddings must be a bool, got {opt['decay_norms_and_embeddings']!r}")
     return opt
 
 
@@ -418,18 +424,18 @@ def _check_keys(where: str, given: Mapping[str, Any], known: Mapping[str, Any]) 
 
 def _number(where: str, key: str, value: Any, *, minimum: float | None = None) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating):
-        raise ValueError(f"{where} {key} must be a number, got {value!r}")
+        raise ValueError(f"{where}.{key} must be a number, got {value!r}")
     value = float(value)
     if not math.isfinite(value) or (minimum is not None and value < minimum):
         raise ValueError(
-            f"{where} {key}={value} must be finite" + (f" and >= {minimum}" if minimum is not None else "")
+            f"{where}.{key}={value} must be finite" + (f" and >= {minimum}" if minimum is not None else "")
         )
     return value
 
 
 def _integer(where: str, key: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 0:
-        raise ValueError(f"{where} {key} must be a non-negative integer (steps), got {value!r}")
+        raise ValueError(f"{where}.{key} must be a non-negative integer (steps), got {value!r}")
     return int(value)
 
 

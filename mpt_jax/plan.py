@@ -11,16 +11,16 @@ is allocated) over the devices it finds, or over forced CPU devices when there a
 prints XLA's own per-device numbers next to the estimate.
 
 Params, optimizer state and gradients are counted leaf by leaf: each leaf's size divided by the
-mesh axes that its PartitionSpec (``sharding._spec_for`` with the config's rules) shards it over,
-on a ``jax.sharding.AbstractMesh`` of the requested shape, so no devices are needed and the counts
-are what ``jax.jit`` will place on a device. Activations follow an analytic per-layer formula
+mesh axes that its PartitionSpec (``sharding.shardings_of_state`` with the config's rules) shards
+it over, on a ``jax.sharding.AbstractMesh`` of the requested shape, so no devices are needed and the
+counts are what ``jax.jit`` will place on a device. Activations follow an analytic per-layer formula
 (``activation_bytes``; docs/sharding.md, "Memory planner", writes it out and states how close it
 comes to XLA's buffer assignment).
 
 Python:
 
     from mpt_jax import plan
-    report = plan.plan(config, devices=64, device_memory_gb=80.0)   # dict: estimate, fits, meshes, ...
+    report = plan.plan(config, devices=64, device_memory_gb=80.0)   # dict: estimate, fits, meshes, remedies, ...
     sizes = plan.estimate(config, (1, 64, 1))                       # dict of bytes per device
     xla = plan.compile_report(config, (1, 8, 1))                    # XLA's memory_analysis, compile time
 """
@@ -42,7 +42,7 @@ import optax
 from absl import logging
 from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec
 
-from mpt_jax import optim, run_config, sharding
+from mpt_jax import cli, optim, run_config, sharding
 from mpt_jax.config import MPTConfig
 from mpt_jax.model import param_shapes
 
@@ -91,24 +91,13 @@ def _model_of(config) -> _Model:
 
 
 def _param_shardings(model: _Model, mesh, rules):
-    """sharding.param_shardings without re-tracing the model for every mesh (same rules, same specs)."""
-
-    def one(leaf):
-        if isinstance(leaf, nn.Partitioned):
-            return NamedSharding(mesh, sharding._spec_for(leaf.value.shape, leaf.names, mesh, rules))
-        return NamedSharding(mesh, PartitionSpec())
-
-    return jax.tree.map(one, model.boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    """The params' shardings on ``mesh``, from the cached shapes (no re-tracing per mesh)."""
+    return sharding.shardings_of_params(model.boxed, mesh, rules)
 
 
 def _state_shardings(model: _Model, mesh, rules):
-    """sharding.state_shardings, from the cached shapes: moments follow their params."""
-    params = _param_shardings(model, mesh, rules)
-    replicated = NamedSharding(mesh, PartitionSpec())
-    opt = optax.tree_map_params(
-        model.optimizer, lambda _, s: s, model.opt_state, params, transform_non_params=lambda _: replicated
-    )
-    return {"step": replicated, "params": params, "opt_state": opt, "rng": replicated}
+    """The train state's shardings on ``mesh``, from the cached shapes: what train.py places."""
+    return sharding.shardings_of_state(model.boxed, model.opt_state, model.optimizer, mesh, rules)
 
 
 def _device_bytes(tree, shardings, dtype=None) -> int:
@@ -126,7 +115,7 @@ def _device_bytes(tree, shardings, dtype=None) -> int:
 
 
 def _split(n: int, ways: int) -> int:
-    """A dimension of n over a mesh axis of ``ways``: split if it divides, else replicated (as _spec_for)."""
+    """A dimension of n over a mesh axis of ``ways``: split if it divides, else replicated (as sharding.spec_for)."""
     return n // ways if ways > 1 and n % ways == 0 else n
 
 
@@ -309,28 +298,17 @@ def estimate(
 # Meshes and the plan.
 
 
+def _on_mesh(config, mesh_shape: Sequence[int]):
+    """A copy of ``config`` whose mesh is ``mesh_shape`` (data, fsdp, tensor)."""
+    trial = config.copy_and_resolve_references()
+    trial.mesh.data, trial.mesh.fsdp, trial.mesh.tensor = (int(s) for s in mesh_shape)
+    return trial
+
+
 def mesh_problems(config, mesh_shape: Sequence[int]) -> list[str]:
-    """Why ``config`` cannot run on a (data, fsdp, tensor) mesh (empty if it can)."""
-    data, fsdp, tensor = (int(s) for s in mesh_shape)
-    cfg = run_config.model_config(config)
-    t = config.train
-    problems = []
-    if cfg.n_heads % tensor:
-        problems.append(f"model.n_heads={cfg.n_heads} is not divisible by tensor={tensor}")
-    if cfg.ffn_dim % tensor:
-        problems.append(f"the ffn hidden size {cfg.ffn_dim} is not divisible by tensor={tensor}")
-    for axis, size in zip(sharding.AXES, (data, fsdp, tensor), strict=True):
-        dcn = int(config.mesh.get(f"dcn_{axis}", 1))
-        if size % dcn:
-            problems.append(f"mesh.dcn_{axis}={dcn} does not divide {axis}={size}")
-    if t.global_batch_size % (data * fsdp):
-        problems.append(f"train.global_batch_size={t.global_batch_size} is not divisible by data x fsdp={data * fsdp}")
-    micro = t.micro_batch_size or t.global_batch_size
-    if t.global_batch_size % micro:
-        problems.append(f"train.micro_batch_size={micro} does not divide global_batch_size={t.global_batch_size}")
-    elif micro % (data * fsdp):
-        problems.append(f"train.micro_batch_size={micro} is not divisible by data x fsdp={data * fsdp}")
-    return problems
+    """Why ``config`` cannot run on a (data, fsdp, tensor) mesh (empty if it can): the trainer's own
+    checks (``run_config.problems``) with the config's mesh set to ``mesh_shape``."""
+    return run_config.problems(_on_mesh(config, mesh_shape), math.prod(int(s) for s in mesh_shape))
 
 
 def mesh_shapes(n_devices: int) -> list[tuple[int, int, int]]:
@@ -358,9 +336,10 @@ def plan(
     divisible by data x fsdp. Returns a dict: ``devices``, ``device_memory_bytes``, ``mesh`` (the
     configured one), ``estimate`` (``estimate(...)``), ``fits``, ``rows_per_device``,
     ``micro_batches``, ``max_micro_batch_size`` (the largest micro-batch that fits on the configured
-    mesh, 0 if none), ``attention`` (``attention_path``: ``platform`` resolves ``attn_impl="auto"``)
-    and ``meshes``: every valid mesh of ``devices`` with its ``estimate``, ``total``, ``fits`` and
-    ``configured``, smallest total first.
+    mesh, 0 if none), ``attention`` (``attention_path``: ``platform`` resolves ``attn_impl="auto"``),
+    ``meshes``: every valid mesh of ``devices`` with its ``estimate``, ``total``, ``fits`` and
+    ``configured``, smallest total first, and ``remedies``: when no micro-batch fits, what would
+    (``remedies``), else empty.
     """
     if device_memory_gb <= 0:
         raise ValueError(f"--device_memory_gb={device_memory_gb}: must be positive")
@@ -377,6 +356,7 @@ def plan(
         meshes.append({"mesh": candidate, "estimate": e, "total": e["total"], "fits": e["total"] <= limit})
         meshes[-1]["configured"] = candidate == shape
     meshes.sort(key=lambda m: (m["total"], m["mesh"]))
+    best, _ = _largest_micro_batch(config, shape, limit, margin, platform)
     return {
         "devices": devices,
         "device_memory_bytes": limit,
@@ -385,26 +365,122 @@ def plan(
         "fits": est["total"] <= limit,
         "rows_per_device": rows,
         "micro_batches": steps,
-        "max_micro_batch_size": _max_micro_batch(config, shape, limit, margin, platform),
+        "max_micro_batch_size": best,
         "attention": attention_path(run_config.model_config(config), platform),
         "meshes": meshes,
+        "remedies": [] if best else remedies(config, devices, limit, margin=margin, platform=platform),
     }
 
 
-def _max_micro_batch(config, shape, limit: int, margin: float, platform: str) -> int:
-    """The largest train.micro_batch_size that divides the global batch, splits over data x fsdp and fits."""
+def _largest_micro_batch(config, shape, limit: int, margin: float, platform: str) -> tuple[int, int]:
+    """(the largest train.micro_batch_size that divides the global batch, splits over data x fsdp
+    and fits in ``limit`` bytes, its total); (0, 0) when none does."""
     t = config.train
     ways = shape[0] * shape[1]
-    best = 0
+    best = (0, 0)
     for micro in range(ways, t.global_batch_size + 1, ways):
         if t.global_batch_size % micro:
             continue
         trial = config.copy_and_resolve_references()
         trial.train.micro_batch_size = micro
         # Not monotonic: accumulating (micro < global) holds a second set of gradients.
-        if estimate(trial, shape, margin=margin, platform=platform)["total"] <= limit:
-            best = micro
+        total = estimate(trial, shape, margin=margin, platform=platform)["total"]
+        if total <= limit:
+            best = (micro, total)
     return best
+
+
+def _growing_axis(config) -> str:
+    """The mesh axis that more devices would go to: the config's -1 axis, else fsdp (which shards
+    params, gradients and optimizer state)."""
+    for axis in sharding.AXES:
+        if int(config.mesh[axis]) == -1:
+            return axis
+    return "fsdp"
+
+
+def _more_devices(config, shape, limit: int, margin: float, platform: str) -> dict[str, Any] | None:
+    """The fewest devices on which a micro-batch fits, growing one mesh axis (``_growing_axis``)
+    from ``shape``; None if no size that the batch (or, for tensor, the heads) allows makes one fit."""
+    axis = _growing_axis(config)
+    i = sharding.AXES.index(axis)
+    others = math.prod(s for j, s in enumerate(shape) if j != i)
+    if axis == "tensor":
+        cfg = run_config.model_config(config)
+        bound = math.gcd(cfg.n_heads, cfg.ffn_dim)
+    else:  # data and fsdp split the batch: a size must divide it over the other batch axis
+        bound = config.train.global_batch_size // (shape[1 - i] if i < 2 else 1)
+    for size in range(shape[i] + 1, bound + 1):
+        if bound % size:
+            continue
+        candidate = tuple(size if j == i else s for j, s in enumerate(shape))
+        if mesh_problems(config, candidate):
+            continue
+        micro, total = _largest_micro_batch(config, candidate, limit, margin, platform)
+        if micro:
+            n = others * size
+            change = f"--devices={n}" + ("" if int(config.mesh[axis]) == -1 else f" --config.mesh.{axis}={size}")
+            return {"change": change, "devices": n, "mesh": candidate, "micro_batch_size": micro, "total": total}
+    return None
+
+
+def _cheaper_model(config) -> list[dict[str, str]]:
+    """Model settings that shrink memory without changing the model's shape, each one that the
+    config does not use yet: bfloat16 params, bfloat16 compute, full remat."""
+    cfg = run_config.model_config(config)
+    changes = []
+    if cfg.param_dtype != "bfloat16":
+        changes.append({"param_dtype": "bfloat16"})
+    if cfg.dtype != "bfloat16":
+        changes.append({"dtype": "bfloat16"})
+    if cfg.remat_policy != "full":
+        changes.append({"remat_policy": "full"})
+    return changes
+
+
+def _with_model(config, change: dict[str, str]):
+    trial = config.copy_and_resolve_references()
+    for key, value in change.items():
+        trial.model[key] = value
+    return trial
+
+
+def remedies(config, devices: int, limit: int, *, margin: float = DEFAULT_MARGIN, platform: str = "gpu") -> list[dict]:
+    """What would let a micro-batch fit in ``limit`` bytes per device, each found by the estimate:
+
+    another mesh of the same ``devices`` (the one that fits the largest micro-batch), the fewest
+    devices that would do (``_more_devices``), and cheaper model settings (``_cheaper_model``) on the
+    configured mesh, each alone, or all together when none alone is enough. Each is a dict: ``change`` (command-line flags), ``micro_batch_size`` (the
+    largest that fits), ``total`` (its bytes per device), and ``mesh`` / ``devices`` where they change.
+    Gradients are always float32 (steps.py), so there is no gradient dtype to suggest."""
+    shape = run_config.mesh_shape(config, devices)
+    out = []
+    meshes = []
+    for candidate in mesh_shapes(devices):
+        if candidate == shape or mesh_problems(config, candidate):
+            continue
+        micro, total = _largest_micro_batch(config, candidate, limit, margin, platform)
+        if micro:
+            meshes.append((-micro, total, candidate))
+    if meshes:
+        neg_micro, total, mesh = min(meshes)
+        change = " ".join(f"--config.mesh.{a}={s}" for a, s in zip(sharding.AXES, mesh, strict=True))
+        out.append({"change": change, "mesh": mesh, "micro_batch_size": -neg_micro, "total": total})
+    more = _more_devices(config, shape, limit, margin, platform)
+    if more:
+        out.append(more)
+    changes = _cheaper_model(config)
+    found = []
+    for change in changes:
+        found.append((change, _largest_micro_batch(_with_model(config, change), shape, limit, margin, platform)))
+    if len(changes) > 1 and not any(micro for _, (micro, _) in found):
+        together = {k: v for change in changes for k, v in change.items()}
+        found.append((together, _largest_micro_batch(_with_model(config, together), shape, limit, margin, platform)))
+    for change, (micro, total) in found:
+        if micro:
+            flags = " ".join(f"--config.model.{k}={v}" for k, v in change.items())
+            out.append({"change": flags, "micro_batch_size": micro, "total": total})
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -521,7 +597,14 @@ def format_plan(report: dict[str, Any], config, *, name: str = "") -> str:
     if best:
         lines.append(f"   largest train.micro_batch_size that fits on this mesh: {best}")
     else:
-        lines.append("   no train.micro_batch_size fits on this mesh")
+        lines.append("   no train.micro_batch_size fits on this mesh; what would (each computed as above):")
+        for r in report["remedies"]:
+            where = f" (mesh {r['mesh']})" if "mesh" in r else ""
+            lines.append(
+                f"     {r['change']}{where}: micro-batch {r['micro_batch_size']} fits, {_gib(r['total'])} GiB per device"
+            )
+        if not report["remedies"]:
+            lines.append("     nothing this planner tries: more devices, another mesh, bfloat16, full remat")
     n_fit = sum(m["fits"] for m in report["meshes"])
     lines += [
         "",
@@ -576,31 +659,23 @@ def _use_cpu_devices(n: int) -> None:
 
 
 def main(argv) -> None:
+    """Prints the plan (and XLA's numbers with --compile); errors end in one line (cli.run)."""
+    del argv
     from absl import flags
     from ml_collections import config_flags
 
-    if len(argv) > 1:
-        raise SystemExit(f"plan: unexpected arguments {argv[1:]}")
     f = flags.FLAGS
-    config = f.config
-    if config is None:
-        raise SystemExit("plan: --config=configs/<name>.py is required")
+    config = cli.config_from_flags("config")
     name = config_flags.get_config_filename(f["config"])
     if f["compile"].value:
         _use_cpu_devices(f.devices)  # before anything starts a backend
-    try:
-        report = plan(config, f.devices, f.device_memory_gb, margin=f.margin, platform=f.platform)
-    except ValueError as e:
-        raise SystemExit(f"plan: error: {e}") from None
+    report = plan(config, f.devices, f.device_memory_gb, margin=f.margin, platform=f.platform)
     print(format_plan(report, config, name=name))
     if f["compile"].value:
         devices = jax.devices()
         if len(devices) < f.devices:
             devices = jax.devices("cpu")
-        try:
-            xla = compile_report(config, report["mesh"], devices)
-        except ValueError as e:
-            raise SystemExit(f"plan: error: {e}") from None
+        xla = compile_report(config, report["mesh"], devices)
         # Compare with the estimate for the platform that compiled (attn_impl="auto" differs).
         est = estimate(config, report["mesh"], margin=f.margin, platform=xla["platform"])
         print()
@@ -628,7 +703,4 @@ def _define_flags() -> None:
 
 
 if __name__ == "__main__":
-    from absl import app
-
-    _define_flags()
-    app.run(main)
+    cli.run("plan", _define_flags, main)

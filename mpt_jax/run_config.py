@@ -96,46 +96,79 @@ def mesh_shape(config: ml_collections.ConfigDict, n_devices: int) -> tuple[int, 
     return tuple(sizes)
 
 
-def check(config: ml_collections.ConfigDict, n_devices: int, process_count: int = 1) -> None:
-    """Checks made before anything compiles."""
+def problems(config: ml_collections.ConfigDict, n_devices: int, process_count: int = 1) -> list[str]:
+    """Every reason ``config`` cannot run on ``n_devices`` devices in ``process_count`` processes
+    (empty if it can). An invalid model section raises; a mesh that does not fit the devices is the
+    only problem reported, since the other checks need its shape. The planner asks this of every mesh."""
     cfg = model_config(config)
     t = config.train
-    data, fsdp, tensor = mesh_shape(config, n_devices)
+    try:
+        data, fsdp, tensor = mesh_shape(config, n_devices)
+    except ValueError as e:
+        return [str(e)]
+    out = []
     if t.max_steps < 1:
-        raise ValueError(f"config.train.max_steps={t.max_steps}: must be positive")
+        out.append(f"config.train.max_steps={t.max_steps}: must be positive")
+    out += _batch_problems(t, data, fsdp, process_count)
+    if cfg.n_heads % tensor:
+        out.append(f"config.model.n_heads={cfg.n_heads} is not divisible by config.mesh.tensor={tensor}")
+    if cfg.ffn_dim % tensor:
+        out.append(f"config.model ffn hidden size {cfg.ffn_dim} is not divisible by config.mesh.tensor={tensor}")
+    length = seq_len(config)
+    if length < 2:
+        out.append(f"config.train.seq_len={length}: must be at least 2")
+    if cfg.uses_learned_pos_emb and length > cfg.max_seq_len:
+        out.append(f"config.train.seq_len={length} exceeds model.max_seq_len={cfg.max_seq_len} (learned positions)")
+    for key in ("log_every", "eval_every", "eval_batches"):
+        if t[key] < 0:
+            out.append(f"config.train.{key}={t[key]}: must be >= 0")
+    if t.eval_every > 0 and t.eval_batches == 0:
+        out.append(
+            f"config.train.eval_every={t.eval_every} with config.train.eval_batches=0: an eval of no batches; "
+            "set eval_batches > 0, or eval_every=0 for no eval"
+        )
+    if config.checkpoint.every_steps < 0:
+        out.append(f"config.checkpoint.every_steps={config.checkpoint.every_steps}: must be >= 0")
+    if t.max_steps >= 1:
+        try:  # the optimizer and schedule sections, with errors naming their config keys
+            optim.make_optimizer(config.optimizer, config.schedule, max_steps=t.max_steps)
+        except ValueError as e:
+            out.append(str(e))
+    return out
+
+
+def _batch_problems(t: ml_collections.ConfigDict, data: int, fsdp: int, process_count: int) -> list[str]:
+    """The global and micro batch sizes against each other, the data x fsdp axes and the processes."""
+    if t.global_batch_size <= 0:
+        return [f"config.train.global_batch_size={t.global_batch_size}: must be positive"]
+    if t.micro_batch_size < 0:
+        return [f"config.train.micro_batch_size={t.micro_batch_size}: must be >= 0 (0: no accumulation)"]
+    out = []
     if t.global_batch_size % (data * fsdp):
-        raise ValueError(
+        out.append(
             f"config.train.global_batch_size={t.global_batch_size} is not divisible by the data x fsdp mesh axes ({data} x {fsdp})"
         )
     if t.global_batch_size % process_count:
-        raise ValueError(
+        out.append(
             f"config.train.global_batch_size={t.global_batch_size} is not divisible by the {process_count} processes"
         )
     micro = t.micro_batch_size or t.global_batch_size
     if t.global_batch_size % micro:
-        raise ValueError(
+        out.append(
             f"config.train.micro_batch_size={micro} does not divide config.train.global_batch_size={t.global_batch_size}"
         )
-    if (micro % (data * fsdp)) and micro != t.global_batch_size:
-        raise ValueError(
+    elif (micro % (data * fsdp)) and micro != t.global_batch_size:
+        out.append(
             f"config.train.micro_batch_size={micro} is not divisible by the data x fsdp mesh axes ({data} x {fsdp})"
         )
-    if cfg.n_heads % tensor:
-        raise ValueError(f"config.model.n_heads={cfg.n_heads} is not divisible by config.mesh.tensor={tensor}")
-    if cfg.ffn_dim % tensor:
-        raise ValueError(f"config.model ffn hidden size {cfg.ffn_dim} is not divisible by config.mesh.tensor={tensor}")
-    length = seq_len(config)
-    if length < 2:
-        raise ValueError(f"config.train.seq_len={length}: must be at least 2")
-    if cfg.uses_learned_pos_emb and length > cfg.max_seq_len:
-        raise ValueError(
-            f"config.train.seq_len={length} exceeds model.max_seq_len={cfg.max_seq_len} (learned positions)"
-        )
-    for key in ("log_every", "eval_every", "eval_batches"):
-        if t[key] < 0:
-            raise ValueError(f"config.train.{key}={t[key]}: must be >= 0")
-    if config.checkpoint.every_steps < 0:
-        raise ValueError(f"config.checkpoint.every_steps={config.checkpoint.every_steps}: must be >= 0")
+    return out
+
+
+def check(config: ml_collections.ConfigDict, n_devices: int, process_count: int = 1) -> None:
+    """Checks made before anything compiles: raises ValueError with the first of ``problems``."""
+    found = problems(config, n_devices, process_count)
+    if found:
+        raise ValueError(found[0])
 
 
 def pretraining_recipe(
@@ -176,10 +209,13 @@ def finetuning_recipe(
 ) -> ml_collections.ConfigDict:
     """llm-foundry's finetuning yamls: from a converted checkpoint, examples packed first-fit, decoupled
     AdamW without weight decay, linear decay to 0 after 50 warmup steps, gpt-neox-20b tokens, FSDP.
-    The example format (instruction or chat) is the config's own."""
+    The example format (instruction or chat) is the config's own. Packed examples attend only
+    within themselves (``attn_uses_sequence_id``, llm-foundry's switch for packed finetuning), so
+    each example's loss is its loss alone. Eval is off; ``--config.train.eval_every=N`` evaluates on
+    the source's held-out documents (``data.holdout_fraction``) or on ``data.eval_source``."""
     config.init_from = init_from
+    config.model.attn_uses_sequence_id = True
     config.data.source = source
-    config.data.text_field = ml_collections.config_dict.placeholder(str)
     config.data.tokenizer = "EleutherAI/gpt-neox-20b"
     config.data.packing = "first_fit"
     config.train.max_steps = max_steps

@@ -81,9 +81,10 @@ def make_mesh(shape: Sequence[int], dcn_shape: Sequence[int] = (1, 1, 1), device
     return Mesh(array, AXES)
 
 
-def _spec_for(shape: tuple[int, ...], names: tuple[str | None, ...], mesh: Mesh, rules) -> PartitionSpec:
+def spec_for(shape: tuple[int, ...], names: tuple[str | None, ...], mesh, rules) -> PartitionSpec:
     """Logical names -> PartitionSpec; a mesh axis that does not divide its dimension, or is
-    already used by an earlier dimension, leaves that dimension replicated."""
+    already used by an earlier dimension, leaves that dimension replicated. ``mesh`` may be a
+    ``jax.sharding.AbstractMesh`` (only axis sizes are read)."""
     table = dict(rules)
     used: set[str] = set()
     spec = []
@@ -100,24 +101,27 @@ def _spec_for(shape: tuple[int, ...], names: tuple[str | None, ...], mesh: Mesh,
     return PartitionSpec(*spec)
 
 
-def param_shardings(cfg: MPTConfig, mesh: Mesh, rules=DEFAULT_RULES):
-    """NamedShardings for the (unboxed) params tree of ``cfg``."""
-    boxed = param_shapes(cfg)
+def shardings_of_params(boxed_params: Any, mesh, rules=DEFAULT_RULES):
+    """NamedShardings for abstract params whose leaves carry logical names (``nn.Partitioned``, as
+    ``model.param_shapes`` returns them); unnamed leaves are replicated. Nothing is traced, so a
+    caller that keeps ``param_shapes(cfg)`` can place it on many meshes cheaply (the planner)."""
 
     def one(leaf):
         if isinstance(leaf, nn.Partitioned):
-            return NamedSharding(mesh, _spec_for(leaf.value.shape, leaf.names, mesh, rules))
+            return NamedSharding(mesh, spec_for(leaf.value.shape, leaf.names, mesh, rules))
         return NamedSharding(mesh, PartitionSpec())
 
-    return jax.tree.map(one, boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    return jax.tree.map(one, boxed_params, is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
-def state_shardings(cfg: MPTConfig, optimizer: optax.GradientTransformation, mesh: Mesh, rules=DEFAULT_RULES):
-    """Shardings of the train state: optimizer moments follow their params, the rest replicated."""
-    params = param_shardings(cfg, mesh, rules)
+def shardings_of_state(
+    boxed_params: Any, opt_state: Any, optimizer: optax.GradientTransformation, mesh, rules=DEFAULT_RULES
+):
+    """Shardings of the train state from its abstract parts: ``boxed_params`` as for
+    ``shardings_of_params`` and ``opt_state`` = ``jax.eval_shape(optimizer.init, unboxed params)``.
+    Optimizer moments follow their params; the step, rng and other optimizer leaves are replicated."""
+    params = shardings_of_params(boxed_params, mesh, rules)
     replicated = NamedSharding(mesh, PartitionSpec())
-    abstract_params = jax.tree.map(lambda x: x, nn.meta.unbox(param_shapes(cfg)))
-    opt_state = jax.eval_shape(optimizer.init, abstract_params)
     opt = optax.tree_map_params(
         optimizer,
         lambda _, sharding: sharding,
@@ -126,6 +130,18 @@ def state_shardings(cfg: MPTConfig, optimizer: optax.GradientTransformation, mes
         transform_non_params=lambda _: replicated,
     )
     return {"step": replicated, "params": params, "opt_state": opt, "rng": replicated}
+
+
+def param_shardings(cfg: MPTConfig, mesh: Mesh, rules=DEFAULT_RULES):
+    """NamedShardings for the (unboxed) params tree of ``cfg``."""
+    return shardings_of_params(param_shapes(cfg), mesh, rules)
+
+
+def state_shardings(cfg: MPTConfig, optimizer: optax.GradientTransformation, mesh: Mesh, rules=DEFAULT_RULES):
+    """Shardings of the train state of ``cfg`` with ``optimizer`` (traces the model's shapes once)."""
+    boxed = param_shapes(cfg)
+    opt_state = jax.eval_shape(optimizer.init, nn.meta.unbox(boxed))
+    return shardings_of_state(boxed, opt_state, optimizer, mesh, rules)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

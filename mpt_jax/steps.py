@@ -49,7 +49,7 @@ def loss_fn(
         {"params": params},
         batch["tokens"],
         segment_ids=batch["segment_ids"] if cfg.attn_uses_sequence_id else None,
-        positions=batch["positions"] if cfg.uses_learned_pos_emb else None,
+        positions=batch["positions"] if cfg.uses_positions else None,
         deterministic=not train,
         rngs={"dropout": rng} if (train and rng is not None) else {},
     )

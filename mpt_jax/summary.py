@@ -14,18 +14,11 @@ import time
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from absl import app, flags
-from ml_collections import config_flags
 
+from mpt_jax import cli
 from mpt_jax.config import MPTConfig
 from mpt_jax.model import MPT, flat_params, init_params, param_shapes
 from mpt_jax.run_config import model_config
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "a config file, e.g. configs/tiny.py", lock_config=True)
-_FORWARD = flags.DEFINE_bool("forward", True, "run and time a forward pass on random tokens")
-_BATCH = flags.DEFINE_integer("batch", 2, "batch size of the forward pass")
-_LENGTH = flags.DEFINE_integer("length", 0, "sequence length of the forward pass (0: max_seq_len)")
-_MAX_FORWARD = flags.DEFINE_integer("max_forward_params", 200_000_000, "skip the forward pass above this size")
 
 
 def describe(cfg: MPTConfig) -> tuple[str, int]:
@@ -39,25 +32,26 @@ def describe(cfg: MPTConfig) -> tuple[str, int]:
     return "\n".join(lines), total
 
 
-def main(argv):
+def main(argv) -> None:
     del argv
-    if _CONFIG.value is None:
-        raise app.UsageError("--config=configs/<name>.py is required")
-    cfg = model_config(_CONFIG.value)
+    from absl import flags
+
+    f = flags.FLAGS
+    cfg = model_config(cli.config_from_flags("config"))
     table, total = describe(cfg)
     print(
         f"MPT d_model={cfg.d_model} n_heads={cfg.n_heads} (kv {cfg.num_kv_heads}) n_layers={cfg.n_layers} "
         f"ffn={cfg.ffn_dim} vocab={cfg.vocab_size} max_seq_len={cfg.max_seq_len} alibi={cfg.alibi}"
     )
     print(table)
-    if not _FORWARD.value:
+    if not f.forward:
         return
-    if total > _MAX_FORWARD.value:
-        print(f"forward pass skipped: {total:,d} parameters > --max_forward_params={_MAX_FORWARD.value:,d}")
+    if total > f.max_forward_params:
+        print(f"forward pass skipped: {total:,d} parameters > --max_forward_params={f.max_forward_params:,d}")
         return
-    length = _LENGTH.value or cfg.max_seq_len
+    length = f.length or cfg.max_seq_len
     params = init_params(cfg, jax.random.key(0))
-    tokens = jax.random.randint(jax.random.key(1), (_BATCH.value, length), 0, cfg.vocab_size)
+    tokens = jax.random.randint(jax.random.key(1), (f.batch, length), 0, cfg.vocab_size)
     forward = jax.jit(lambda p, t: MPT(cfg).apply({"params": p}, t))
     logits = forward(params, tokens).block_until_ready()  # compile
     start = time.perf_counter()
@@ -65,11 +59,23 @@ def main(argv):
     seconds = time.perf_counter() - start
     loss = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1]), tokens[:, 1:, None], -1))
     print(
-        f"forward [{_BATCH.value}x{length}] on {jax.devices()[0].platform}: {seconds * 1e3:.1f} ms, "
-        f"{_BATCH.value * length / seconds:,.0f} tokens/s; loss on random tokens {float(loss):.3f} "
+        f"forward [{f.batch}x{length}] on {jax.devices()[0].platform}: {seconds * 1e3:.1f} ms, "
+        f"{f.batch * length / seconds:,.0f} tokens/s; loss on random tokens {float(loss):.3f} "
         f"(ln vocab = {jnp.log(cfg.vocab_size):.3f})"
     )
 
 
+def _define_flags() -> None:
+    """Flags exist only when summary runs as a program (train and plan define --config too)."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "a config file, e.g. configs/tiny.py", lock_config=True)
+    flags.DEFINE_bool("forward", True, "run and time a forward pass on random tokens")
+    flags.DEFINE_integer("batch", 2, "batch size of the forward pass")
+    flags.DEFINE_integer("length", 0, "sequence length of the forward pass (0: max_seq_len)")
+    flags.DEFINE_integer("max_forward_params", 200_000_000, "skip the forward pass above this size")
+
+
 if __name__ == "__main__":
-    app.run(main)
+    cli.run("summary", _define_flags, main)

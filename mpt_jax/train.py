@@ -3,9 +3,10 @@
 Overrides reach any config field: ``--config.train.max_steps=200 --config.optimizer.lr=1e-3``
 (unknown keys are errors). The run resumes from the newest readable checkpoint in
 ``<workdir>/checkpoints``, with the data iterator and RNG where they were, so a run interrupted
-and resumed computes the same bits as one that never stopped. SIGTERM or SIGINT saves a checkpoint
-and exits cleanly; a NaN/inf loss stops the run, naming the step, without saving over the last
-good checkpoint.
+and resumed computes the same bits as one that never stopped; a checkpoint that does not fit the
+config is an error, a damaged one is skipped (see checkpoint.TrainCheckpoints). SIGTERM or SIGINT
+saves a checkpoint and exits cleanly; a NaN/inf loss or gradient norm stops the run, naming the
+step, without saving it. Nothing is written before the checks pass.
 
 Writes to the workdir: ``metrics.jsonl`` (one JSON object per logged step), TensorBoard events,
 ``checkpoints/<step>/``, and ``config.json`` (the resolved run config).
@@ -23,24 +24,18 @@ import time
 import flax.linen as nn
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
-from ml_collections import config_flags
 from tqdm import tqdm
 
-from mpt_jax import checkpoint, distributed, metrics, optim, run_config, sharding, steps
+from mpt_jax import checkpoint, cli, distributed, files, metrics, optim, run_config, sharding, steps
 from mpt_jax.data import formats
 from mpt_jax.data.pipeline import DataConfig, check_data, get_tokenizer, iterate, make_dataset, to_global_arrays
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "a config file, e.g. configs/tiny.py", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "where checkpoints, metrics and logs go (default: workdirs/<config>)")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "multi-process: host:port of process 0")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "multi-process: number of processes")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "multi-process: this process's index")
+from mpt_jax.model import flat_params
 
 
 class NonFiniteLoss(RuntimeError):
-    pass
+    """The loss or the gradient norm of a step is NaN or infinite: the run stops and saves nothing."""
 
 
 class _Stop:
@@ -64,25 +59,67 @@ class _Stop:
             signal.signal(sig, handler)
 
 
+def _check_init_from(config, cfg) -> None:
+    """Refuses an ``init_from`` whose model computes something else than ``config.model`` (see
+    ``checkpoint.init_from_changes``); logs the allowed differences. Reads no weights."""
+    path = config.init_from
+    allowed, refused = checkpoint.init_from_changes(checkpoint.load_config_any(path), cfg)
+    if refused:
+        raise ValueError(
+            f"config.init_from={path}: its model does not fit config.model ({'; '.join(refused)}; checkpoint -> "
+            "run): the loaded weights would compute something else. Set these config.model fields to the "
+            "checkpoint's values"
+        )
+    for change in allowed:
+        logging.info("config.init_from=%s: model.%s (allowed: does not change what the weights compute)", path, change)
+
+
 def _init_params(config, cfg, abstract_params):
     """Params from ``config.init_from``: a training workdir, an mpt-jax model checkpoint or an HF folder."""
     path = config.init_from
-    src_cfg, params = checkpoint.load_params_any(path, dtype=cfg.param_dtype)
-    want = jax.tree.map(lambda x: x.shape, abstract_params)
-    got = jax.tree.map(np.shape, params)
-    if jax.tree.structure(want) != jax.tree.structure(got) or want != got:
-        raise ValueError(
-            f"config.init_from={path}: its params do not fit config.model "
-            f"(checkpoint d_model={src_cfg.d_model}, n_layers={src_cfg.n_layers}, vocab_size={src_cfg.vocab_size}; "
-            f"config d_model={cfg.d_model}, n_layers={cfg.n_layers}, vocab_size={cfg.vocab_size})"
-        )
+    _check_init_from(config, cfg)
+    _, params = checkpoint.load_params_any(path, dtype=cfg.param_dtype)
+    want = dict((p, tuple(x.shape)) for p, x in flat_params(abstract_params))
+    got = dict((p, tuple(np.shape(x))) for p, x in flat_params(params))
+    if want != got:
+        diff = sorted(set(want) ^ set(got)) + sorted(p for p in set(want) & set(got) if want[p] != got[p])
+        shown = ", ".join(f"{'.'.join(p)} {got.get(p)} -> {want.get(p)}" for p in diff[:4])
+        raise ValueError(f"config.init_from={path}: its params do not fit config.model ({shown}; checkpoint -> run)")
     return params
 
 
+def _check_finite(out: dict, step: int, ckpts: checkpoint.TrainCheckpoints) -> None:
+    """Raises NonFiniteLoss when the step's loss or gradient norm is NaN/inf; called before the
+    step is saved, so a bad step never reaches a checkpoint (whatever else asks for a save)."""
+    loss, grad_norm = float(out["loss"]), float(out["grad_norm"])
+    if math.isfinite(loss) and math.isfinite(grad_norm):
+        return
+    if math.isfinite(loss):
+        what = f"gradient norm is {grad_norm} at step {step} (the loss, {loss:.4g}, is finite)"
+    else:
+        what = f"loss is {loss} at step {step}"
+    ckpts.wait()
+    good = ckpts.latest_step()
+    last = "there is no checkpoint yet" if good is None else f"the last good checkpoint is at step {good}"
+    raise NonFiniteLoss(f"{what}; stopping without saving ({last})")
+
+
+def _write_text(path: str, text: str) -> None:
+    """Writes ``text`` to ``path`` through a temporary file and a rename: never half a file."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 class Trainer:
+    """One training run in ``workdir``. ``__init__`` and ``run`` check everything that can refuse the
+    run (config, data, a checkpoint that does not fit, init_from) before the first write there."""
+
     def __init__(self, config, workdir: str):
         self.config = config
-        self.workdir = os.path.abspath(workdir)
+        self.workdir = os.path.abspath(os.path.expanduser(os.fspath(workdir)))
+        files.check_folder_path(self.workdir, what="workdir")
         self.cfg = run_config.model_config(config)
         run_config.check(config, jax.device_count(), jax.process_count())
         self.seq_len = run_config.seq_len(config)
@@ -108,11 +145,7 @@ class Trainer:
         self.optimizer = optim.make_optimizer(config.optimizer, config.schedule, max_steps=t.max_steps)
         self.state_shardings = sharding.state_shardings(self.cfg, self.optimizer, self.mesh, self.rules)
         self.is_main = jax.process_index() == 0
-        self.writer = metrics.MetricsWriter(
-            self.workdir,
-            enabled=self.is_main,
-            wandb=dict(project=config.wandb.project, name=config.wandb.name or None) if config.wandb.project else None,
-        )
+        self.writer: metrics.MetricsWriter | None = None  # opened by run, once the checks have passed
         self.flops_per_token = metrics.flops_per_token(self.cfg, self.seq_len)
         self.peak = metrics.peak_flops_per_device(override=t.peak_flops or None)
         self.format_stats = formats.FormatStats()
@@ -131,6 +164,7 @@ class Trainer:
             process_count=jax.process_count(),
             shuffle=None if train else False,
             stats=self.format_stats if train else None,
+            vocab_size=self.cfg.vocab_size,
         )
 
     def _init_fn(self):
@@ -156,7 +190,10 @@ class Trainer:
             return jax.jit(self._init_fn(), out_shardings=self.state_shardings)(rng, params)
 
     def _eval(self, params, eval_fn) -> dict[str, float]:
-        it = iter(self._dataset("validation", train=False))  # the same first batches every time
+        """Loss on the first eval_batches batches of the held-out split (the same ones every time)."""
+        if getattr(self, "_eval_data", None) is None:  # built once: indexing files is a pass over them
+            self._eval_data = self._dataset("validation", train=False)
+        it = iter(self._eval_data)  # a fresh iterator starts at the first batch
         loss_sum = tokens = 0.0
         for _ in range(self.config.train.eval_batches):
             batch = to_global_arrays(next(it), self.batch_sharding)
@@ -167,23 +204,89 @@ class Trainer:
         loss = loss_sum / max(tokens, 1.0)
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": tokens}
 
-    def run(self) -> dict[str, float]:
-        config, t = self.config, self.config.train
+    def _config_json(self) -> dict:
+        return json.loads(self.config.to_json_best_effort())
+
+    def _restore_or_init(self, ckpts: checkpoint.TrainCheckpoints, data_iter) -> tuple[int, dict]:
+        """(step, state): the newest readable checkpoint's, else a fresh (or init_from) state.
+        Writes nothing; raises when a checkpoint does not fit or init_from is refused."""
+        restored = ckpts.restore_latest(self._abstract_state(), data_iter, self._config_json())
+        if restored is None:
+            return 0, self._initial_state()
+        logging.info("resumed from the checkpoint at step %d", restored.step)
+        self._warn_schedule_change(restored.config, restored.step)
+        return restored.step, restored.state
+
+    def _warn_schedule_change(self, saved: dict, step: int) -> None:
+        """A resumed run with another max_steps, schedule or lr follows another LR curve from here
+        on: allowed, but said, with the LR at the resumed step both ways."""
+        c = self.config
+
+        def settings(config: dict) -> dict:
+            return {
+                "train.max_steps": config.get("train", {}).get("max_steps"),
+                "optimizer.lr": config.get("optimizer", {}).get("lr"),
+                **{f"schedule.{k}": v for k, v in config.get("schedule", {}).items()},
+            }
+
+        old, new = settings(saved), settings(self._config_json())
+        changes = [
+            f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)
+        ]
+        if not changes:
+            return
+        now = float(self.schedule(step))
+        try:
+            before = optim.make_schedule(
+                saved["schedule"], lr=saved["optimizer"]["lr"], max_steps=saved["train"]["max_steps"]
+            )
+            lrs = f"lr at step {step}: {float(before(step)):.6g} on the checkpoint's schedule, {now:.6g} on this run's"
+        except (KeyError, TypeError, ValueError):
+            lrs = f"lr at step {step}: {now:.6g} on this run's schedule"
+        logging.warning(
+            "resuming at step %d with another learning-rate schedule than the checkpoint's (%s); %s (max_steps %d)",
+            step,
+            ", ".join(changes),
+            lrs,
+            c.train.max_steps,
+        )
+
+    def _open_outputs(self, step0: int) -> None:
+        """The first writes to the workdir: config.json, metrics.jsonl (records after ``step0``,
+        which this run redoes, dropped) and TensorBoard (told to hide them)."""
+        c = self.config
         os.makedirs(self.workdir, exist_ok=True)
         if self.is_main:
-            with open(os.path.join(self.workdir, "config.json"), "w", encoding="utf-8") as f:
-                f.write(config.to_json_best_effort(indent=2))
+            _write_text(os.path.join(self.workdir, "config.json"), c.to_json_best_effort(indent=2))
+        self.writer = metrics.MetricsWriter(
+            self.workdir,
+            enabled=self.is_main,
+            wandb=dict(project=c.wandb.project, name=c.wandb.name or None) if c.wandb.project else None,
+        )
+        dropped = self.writer.truncate_after(step0)
+        if dropped:
+            logging.warning("metrics.jsonl: dropped %d record(s) after step %d, which this run redoes", dropped, step0)
+
+    def run(self) -> dict[str, float]:
+        """Trains to ``train.max_steps`` (or a SIGTERM/SIGINT); returns the last step's metrics with
+        the last logged throughput and eval, and ``step``."""
         data_iter = iterate(self._dataset("train", train=True))
         ckpts = checkpoint.TrainCheckpoints(
-            os.path.join(self.workdir, "checkpoints"), keep=config.checkpoint.keep or None
+            os.path.join(self.workdir, "checkpoints"), keep=self.config.checkpoint.keep or None
         )
-        restored = ckpts.restore_latest(self._abstract_state(), data_iter, model=config.model.to_dict())
-        if restored is not None:
-            step0, state = restored
-            logging.info("resumed from the checkpoint at step %d", step0)
-            self.writer.truncate_after(step0)
-        else:
-            step0, state = 0, self._initial_state()
+        try:
+            step0, state = self._restore_or_init(ckpts, data_iter)
+            self._open_outputs(step0)
+            return self._loop(step0, state, ckpts, data_iter)
+        finally:
+            ckpts.close()
+            data_iter.close()
+            if self.writer is not None:
+                self.writer.close()
+
+    def _loop(self, step0: int, state: dict, ckpts: checkpoint.TrainCheckpoints, data_iter) -> dict[str, float]:
+        config, t = self.config, self.config.train
+        assert self.writer is not None
         step_fn = jax.jit(
             functools.partial(
                 steps.train_step,
@@ -201,8 +304,9 @@ class Trainer:
             in_shardings=(self.state_shardings["params"], self.batch_sharding),
             out_shardings=self.replicated,
         )
-        config_json = json.loads(config.to_json_best_effort())
+        config_json = self._config_json()
         last: dict[str, float] = {}
+        out = None
         window_tokens, window_start, window_steps = 0.0, time.perf_counter(), 0
         bar = tqdm(
             total=t.max_steps, initial=step0, desc="train", unit="step", disable=not (t.progress and self.is_main)
@@ -213,13 +317,8 @@ class Trainer:
                 batch = to_global_arrays(next(data_iter), self.batch_sharding)
                 state, out = step_fn(state, batch)
                 step += 1
+                _check_finite(out, step, ckpts)  # first: nothing of a bad step is saved
                 loss = float(out["loss"])
-                if not math.isfinite(loss):
-                    ckpts.close()
-                    raise NonFiniteLoss(
-                        f"loss is {loss} at step {step}; stopping without saving (the last good checkpoint is at step "
-                        f"{ckpts.latest_step()})"
-                    )
                 window_tokens += float(out["tokens"])
                 window_steps += 1
                 if step == step0 + 1:  # the first step compiles: keep it out of the throughput
@@ -255,47 +354,47 @@ class Trainer:
                     logging.warning("signal %d: saved the checkpoint at step %d, exiting", stop.signal, step)
                     break
         bar.close()
-        ckpts.close()
+        if out is not None:  # the summary shows the last step, also when it was not a logged one
+            last.update({k: float(v) for k, v in out.items() if k != "tokens"})
         if self.format_stats.truncated or self.format_stats.dropped_overlong or self.format_stats.dropped_no_loss:
             logging.warning("data: %s", self.format_stats.summary())
-        self.writer.close()
         last["step"] = step
         return last
 
 
-def _quiet_other_libraries() -> None:
-    """Keep INFO lines from mpt_jax only; orbax and friends log every file they rename."""
-    import logging as std_logging
+def _define_flags() -> None:
+    """Flags exist only when train runs as a program (summary and plan define --config too)."""
+    from absl import flags
+    from ml_collections import config_flags
 
-    package = os.path.dirname(os.path.abspath(__file__))
+    config_flags.DEFINE_config_file("config", None, "a config file, e.g. configs/tiny.py", lock_config=True)
+    flags.DEFINE_string("workdir", None, "where checkpoints, metrics and logs go (default: workdirs/<config>)")
+    flags.DEFINE_string("coordinator_address", None, "multi-process: host:port of process 0")
+    flags.DEFINE_integer("num_processes", None, "multi-process: number of processes")
+    flags.DEFINE_integer("process_id", None, "multi-process: this process's index")
 
-    def keep(record: std_logging.LogRecord) -> bool:
-        return record.levelno >= std_logging.WARNING or record.pathname.startswith(package)
 
-    logging.get_absl_handler().addFilter(keep)
+def main(argv) -> None:
+    """Checks the config file and the workdir, then trains; a user's mistake ends in one line (cli.run)."""
+    del argv
+    from absl import flags
+    from ml_collections import config_flags
 
-
-def main(argv):
-    _quiet_other_libraries()
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    config = _CONFIG.value
-    if config is None:
-        raise app.UsageError("--config=configs/<name>.py is required")
-    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-    name = os.path.splitext(os.path.basename(config_flags.get_config_filename(flags.FLAGS["config"])))[0]
-    workdir = _WORKDIR.value or os.path.join("workdirs", name)
+    f = flags.FLAGS
+    config = cli.config_from_flags("config")
+    name = os.path.splitext(os.path.basename(config_flags.get_config_filename(f["config"])))[0]
+    workdir = f.workdir or os.path.join("workdirs", name)
+    files.check_folder_path(workdir, what="--workdir")
+    distributed.initialize(f.coordinator_address, f.num_processes, f.process_id)
     logging.info("workdir: %s", os.path.abspath(workdir))
     try:
         result = Trainer(config, workdir).run()
     except NonFiniteLoss as e:
         logging.error("%s", e)
         raise SystemExit(f"train: {e}") from None
-    except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"train: error: {e}") from None
     summary = {k: result[k] for k in ("step", "loss", "eval_loss") if k in result}
     print("train: done " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run("train", _define_flags, main)

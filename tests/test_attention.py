@@ -1,4 +1,8 @@
-"""attend() and alibi_slopes() against float64 numpy references written from the MPT spec (section 1.5)."""
+"""attend() and alibi_slopes() against float64 numpy references written from MPT's definition.
+
+Covers ALiBi, causal, segments, MQA/GQA, the sliding window and attention-logit softcapping
+(forward and gradients), and the argument checks.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +12,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from attention_reference import reference_probs
+from attention_reference import reference_attention, reference_probs
 
 from mpt_jax.attention import alibi_slopes, attend
 
 # Jitted once per shape: eager attend() compiles every small op separately, which is several times slower.
-attend_jit = jax.jit(attend, static_argnames=("causal", "softmax_scale", "impl"))
+attend_jit = jax.jit(attend, static_argnames=("causal", "softmax_scale", "impl", "sliding_window", "logit_softcap"))
 
 # ------------------------------------------------------------------------------------------------
 # References.
@@ -199,3 +203,156 @@ def test_attend_errors(q, k, v, kwargs, match):
     """Bad shapes, head counts and backend names raise ValueError naming the problem."""
     with pytest.raises(ValueError, match=match):
         attend(q, k, v, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------
+# Sliding window and attention-logit softcapping (impl="xla"), forward and gradients.
+
+# (batch, q_len, kv_len, heads, kv_heads, causal, alibi, n_segments, window, softcap)
+WINDOW_SOFTCAP_CASES = [
+    (2, 24, 24, 4, 4, True, True, 0, 0, None),  # w = 0: each query sees only itself
+    (2, 24, 24, 4, 2, True, False, 3, 1, None),  # w = 1, GQA, segments
+    (1, 24, 24, 4, 1, True, True, 0, 5, None),  # small window, MQA, ALiBi
+    (2, 7, 24, 4, 2, True, True, 0, 5, None),  # chunked prefill: q shorter than kv
+    (2, 1, 24, 4, 4, True, True, 0, 5, None),  # one decode query: the last 6 keys
+    (1, 24, 24, 4, 2, True, True, 0, 40, None),  # window >= length: no effect
+    (2, 9, 24, 4, 2, False, True, 2, 3, None),  # non-causal: |i - j| <= w on both sides, segment pair
+    (2, 24, 24, 4, 4, True, False, 0, None, 2.0),  # softcap alone
+    (2, 24, 24, 4, 2, True, True, 0, None, 1.5),  # softcap then ALiBi
+    (2, 24, 24, 4, 1, True, True, 3, 4, 2.0),  # softcap, ALiBi, window, segments, MQA
+    (1, 1, 24, 4, 2, True, True, 0, 3, 2.0),  # decode with everything
+]
+
+
+def _grads_xla(q, k, v, w, **kwargs):
+    """(out, (dq, dk, dv)) of attend(impl="xla") for loss = sum(w * out)."""
+
+    def loss(q, k, v):
+        out = attend(q, k, v, **kwargs)
+        return jnp.sum(out.astype(jnp.float32) * w), out
+
+    (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+    return out, grads
+
+
+@pytest.mark.parametrize("batch,s_len,t_len,n_heads,n_kv,causal,alibi,n_seg,window,softcap", WINDOW_SOFTCAP_CASES)
+def test_window_softcap_matches_float64(batch, s_len, t_len, n_heads, n_kv, causal, alibi, n_seg, window, softcap):
+    """fp32 output and dq, dk, dv equal the float64 reference within 1e-5; each option changes the result."""
+    rng = np.random.default_rng(s_len * 31 + t_len + (window or 0))
+    q, k, v = qkv(rng, batch, s_len, t_len, n_heads, n_kv, 32)
+    q = q * 3.0  # large logits, so that a softcap of 1.5-2 changes them a lot
+    w = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+    slopes = alibi_slopes(n_heads) if alibi else None
+    seg_arg = q_seg = kv_seg = None
+    if n_seg:
+        kv_seg = segments(rng, batch, t_len, n_seg)
+        q_seg = kv_seg[:, t_len - s_len :]
+        seg_arg = jnp.asarray(kv_seg) if s_len == t_len else (jnp.asarray(q_seg), jnp.asarray(kv_seg))
+    out, grads = _grads_xla(
+        q,
+        k,
+        v,
+        w,
+        causal=causal,
+        alibi_slopes=None if slopes is None else jnp.asarray(slopes),
+        segment_ids=seg_arg,
+        sliding_window=window,
+        logit_softcap=softcap,
+    )
+    opts = dict(causal=causal, slopes=slopes, q_seg=q_seg, kv_seg=kv_seg, scale=1 / math.sqrt(32))
+    refs = reference_attention(q, k, v, w, **opts, window=window, softcap=softcap)
+    for name, got, ref in zip(("out", "dq", "dk", "dv"), (out, *grads), refs, strict=True):
+        err = np.abs(np.asarray(got, np.float64) - ref).max()
+        print(f"xla fp32 {name}: max abs error {err:.1e} (max |ref| {np.abs(ref).max():.1f})")
+        np.testing.assert_allclose(np.asarray(got), ref, atol=1e-5, rtol=1e-5, err_msg=name)
+    # The reference notices each option (except a window as long as the sequence, which is a no-op).
+    out_ref = refs[0]
+    if window is not None:
+        no_window = reference_attention(q, k, v, w, **opts, softcap=softcap)[0]
+        assert (np.abs(no_window - out_ref).max() > 1e-2) == (window < t_len - 1)
+    if softcap is not None:
+        assert np.abs(reference_attention(q, k, v, w, **opts, window=window)[0] - out_ref).max() > 1e-2
+
+
+@pytest.mark.parametrize("window", [0, 2, 9])
+def test_window_decode_sees_last_keys(window):
+    """One query with window w equals attention over only the last w + 1 keys (ALiBi distances included)."""
+    rng = np.random.default_rng(window)
+    q, k, v = qkv(rng, 2, 1, 16, 4, 2, 32)
+    slopes = jnp.asarray(alibi_slopes(4))
+    got = attend_jit(q, k, v, alibi_slopes=slopes, sliding_window=window)
+    want = attend_jit(q, k[:, -(window + 1) :], v[:, -(window + 1) :], alibi_slopes=slopes)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6)
+    # impl="pallas" sends a single query through the same xla path, window and softcap included.
+    kw = dict(alibi_slopes=slopes, sliding_window=window, logit_softcap=3.0)
+    np.testing.assert_array_equal(np.asarray(attend(q, k, v, impl="pallas", **kw)), np.asarray(attend(q, k, v, **kw)))
+
+
+def test_window_off_values_and_bfloat16():
+    """sliding_window=-1 and None are the same (off); bf16 with window and softcap within 2e-2 of float64."""
+    rng = np.random.default_rng(3)
+    q, k, v = qkv(rng, 2, 20, 20, 4, 2, 64, dtype=jnp.bfloat16)
+    slopes = alibi_slopes(4)
+    off = attend_jit(q, k, v, alibi_slopes=jnp.asarray(slopes), sliding_window=-1)
+    np.testing.assert_array_equal(np.asarray(off), np.asarray(attend_jit(q, k, v, alibi_slopes=jnp.asarray(slopes))))
+    w = jnp.asarray(rng.standard_normal(q.shape), jnp.float32)
+    out, grads = _grads_xla(
+        q, k, v, w, alibi_slopes=jnp.asarray(slopes), sliding_window=3, logit_softcap=1.0, segment_ids=None
+    )
+    assert out.dtype == jnp.bfloat16
+    refs = reference_attention(
+        *(np.asarray(jnp.asarray(a, jnp.float32)) for a in (q, k, v, w)),
+        causal=True,
+        slopes=slopes,
+        q_seg=None,
+        kv_seg=None,
+        scale=1 / 8,
+        window=3,
+        softcap=1.0,
+    )
+    for name, got, ref in zip(("out", "dq", "dk", "dv"), (out, *grads), refs, strict=True):
+        err = np.abs(np.asarray(got, np.float64) - ref).max() / np.abs(ref).max()
+        print(f"xla bf16 {name}: max error / max |ref| = {err:.1e}")
+        assert err <= 2e-2, (name, err)
+
+
+def test_reference_gradients_by_finite_differences():
+    """The float64 reference's analytic dq, dk, dv (softcap chain rule included) match central differences."""
+    rng = np.random.default_rng(4)
+    q, k, v = (rng.standard_normal(shape) * 2 for shape in ((1, 5, 2, 4), (1, 7, 1, 4), (1, 7, 1, 4)))
+    w = rng.standard_normal((1, 5, 2, 4))
+    opts = dict(causal=True, slopes=ref_slopes(2), q_seg=None, kv_seg=None, scale=0.5, window=3, softcap=1.5)
+    _, *grads = reference_attention(q, k, v, w, **opts)
+    eps = 1e-6
+    for arg, grad in enumerate(grads):
+        numeric = np.zeros_like(grad)
+        for idx in np.ndindex(grad.shape):
+            args = [q, k, v]
+            plus, minus = [a.copy() for a in args], [a.copy() for a in args]
+            plus[arg][idx] += eps
+            minus[arg][idx] -= eps
+            f_plus = np.sum(w * reference_attention(*plus, w, **opts)[0])
+            f_minus = np.sum(w * reference_attention(*minus, w, **opts)[0])
+            numeric[idx] = (f_plus - f_minus) / (2 * eps)
+        np.testing.assert_allclose(grad, numeric, atol=1e-7, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"sliding_window": -2}, r"sliding_window=-2 must be -1 \(off\) or >= 0"),
+        ({"sliding_window": 2.5}, "sliding_window=2.5 must be an int"),
+        ({"sliding_window": True}, "sliding_window=True must be an int"),
+        ({"logit_softcap": 0.0}, "logit_softcap=0.0 must be a finite number > 0"),
+        ({"logit_softcap": -30.0}, "logit_softcap=-30.0 must be a finite number > 0"),
+        ({"logit_softcap": float("inf")}, "logit_softcap=inf must be a finite number > 0"),
+        ({"logit_softcap": "50"}, "logit_softcap='50' must be a Python number"),
+        ({"logit_softcap": 30.0, "impl": "cudnn"}, "impl='cudnn' has no attention logit softcapping"),
+        ({"sliding_window": -2, "impl": "pallas"}, "sliding_window=-2"),
+    ],
+)
+def test_window_softcap_errors(kwargs, match):
+    """Bad window/softcap values, and a softcap with cuDNN, raise ValueError naming the value."""
+    q = _z(1, 4, 8, 16)
+    with pytest.raises(ValueError, match=match):
+        attend(q, q, q, **kwargs)

@@ -59,6 +59,27 @@ def test_sizes_are_increasing():
     assert 100e6 < counts[1] < 150e6 and 60e9 < counts[-1] < 70e9
 
 
+def _docs_table() -> list[dict[str, str]]:
+    """The rows of docs/configs.md's table of sizes, by column name."""
+    with open(os.path.join(ROOT, "docs", "configs.md"), encoding="utf-8") as f:
+        rows = [line.strip().strip("|").split("|") for line in f if line.startswith("| ")]
+    header = [c.strip() for c in rows[0]]
+    return [dict(zip(header, (c.strip() for c in row), strict=True)) for row in rows[2:]]
+
+
+def test_docs_table_matches_the_config_files():
+    """Every number in docs/configs.md's table is the config file's (parameters by count_params)."""
+    rows = _docs_table()
+    assert [r["config"] for r in rows] == SIZES
+    for row in rows:
+        cfg = model_config(load(row["config"]).get_config())
+        n = {k: int(v.replace(",", "")) for k, v in row.items() if v.replace(",", "").isdigit()}
+        assert n["parameters"] == count_params(cfg), row["config"]
+        assert n["vocabulary"] == cfg.vocab_size, row["config"]
+        assert (n["d_model"], n["layers"], n["max_seq_len"]) == (cfg.d_model, cfg.n_layers, cfg.max_seq_len)
+        assert row["heads (head_dim)"] == f"{cfg.n_heads} ({cfg.head_dim})", row["config"]
+
+
 def test_summary_cli_with_override():
     """The README's smoke command; a --config.model override reaches the model."""
     out = subprocess.run(

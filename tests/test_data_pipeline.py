@@ -237,7 +237,9 @@ def test_prepare_writes_shards_that_train_the_same(stdlib_cfg, tok, tmp_path):
     assert len(m["shards"]) == -(-m["sequences"] // 50) and m["documents"] > 0
     assert m["tokens"] + m["padding_tokens"] == m["sequences"] * SEQ
     rows = list(packed_rows(stdlib_cfg, tok, split="validation", seq_len=SEQ, seed=0, shuffle=False, repeat=False))
-    cfg = DataConfig(mixture=(SourceConfig(f"tokenized:{out}", format="packed"),), data_dir=stdlib_cfg.data_dir)
+    cfg = DataConfig(
+        mixture=(SourceConfig(f"tokenized:{out}", format="packed"),), data_dir=stdlib_cfg.data_dir, holdout_fraction=0
+    )  # every row is in the train split
     stored = list(packed_rows(cfg, tok, split="train", seq_len=SEQ, seed=0, shuffle=False, repeat=False))
     assert len(stored) == len(rows) == m["sequences"]
     for a, b in zip(rows, stored, strict=True):

@@ -131,8 +131,36 @@ def test_composer_prefix_and_fused_norm_keys(tmp_path):
         MPTConfig(**SMALL, attn_type="grouped_query_attention", kv_n_heads=2, qk_ln=True, no_bias=False),
         MPTConfig(**SMALL, attn_type="multiquery_attention", ffn_type="mptglu", expansion_ratio=3),
         MPTConfig(**SMALL, alibi=False, learned_pos_emb=True, tie_word_embeddings=False, logit_scale=0.5),
+        MPTConfig(**SMALL, norm_type="rmsnorm", no_bias=False, qk_gn=True, attention_bias=False),
+        MPTConfig(**SMALL, fused_qkv=False, attention_bias=True, attn_type="grouped_query_attention", kv_n_heads=2),
+        MPTConfig(**SMALL, fused_qkv=False, qk_ln=True, norm_type="layernorm", no_bias=False),
+        MPTConfig(
+            **SMALL,
+            alibi=False,
+            rope=True,
+            rope_impl="hf",
+            rope_hf_type="llama3",
+            rope_hf_factor=8.0,
+            rope_hf_low_freq_factor=1.0,
+            rope_hf_high_freq_factor=4.0,
+            rope_hf_original_max_position_embeddings=64,
+            sliding_window_size=4,
+            attn_logit_softcapping=30.0,
+            final_logit_softcapping=20.0,
+        ),
+        MPTConfig(**SMALL, alibi=False, rope=True, rope_dail_type="xpos", attn_temperature_attn_scale=0.1),
     ],
-    ids=["mha", "gqa_qkln_bias", "mqa_glu", "learned_pos_untied"],
+    ids=[
+        "mha",
+        "gqa_qkln_bias",
+        "mqa_glu",
+        "learned_pos_untied",
+        "rmsnorm_qkgn_biases_no_attn_bias",
+        "unfused_gqa_attn_bias",
+        "unfused_qkln_layernorm",
+        "rope_llama3_window_softcaps",
+        "rope_xpos_temperature",
+    ],
 )
 def test_jax_hf_jax_round_trip_every_option(tmp_path, cfg):
     """Options transformers ignores still round-trip exactly through our own HF files."""
@@ -209,6 +237,130 @@ def test_no_weights_or_config_or_bad_json(tmp_path):
         load_hf(empty)
     with pytest.raises(FileNotFoundError, match="not a folder"):
         load_hf(tmp_path / "does" / "not" / "exist")
+
+
+# What llm-foundry 0.22's MPTForCausalLM.save_pretrained writes for a small ALiBi model (all its keys).
+LLMFOUNDRY_CONFIG = {
+    "architectures": ["MPTForCausalLM"],
+    "attention_bias": True,
+    "attn_config": {
+        "alibi": True,
+        "alibi_bias_max": 8,
+        "attn_impl": "torch",
+        "attn_logit_softcapping": None,
+        "attn_pdrop": 0.0,
+        "attn_temperature_tuning": {"attn_scale": 0.0, "floor_scale": 8192},
+        "attn_type": "multihead_attention",
+        "attn_uses_sequence_id": False,
+        "clip_qkv": None,
+        "fused_qkv": True,
+        "kv_dim": None,
+        "nope": False,
+        "qk_gn": False,
+        "qk_ln": False,
+        "rope": False,
+        "rope_dail_config": {"pos_idx_in_fp32": True, "type": "original", "xpos_scale_base": 512},
+        "rope_hf_config": {"factor": 1.0, "type": "no_scaling"},
+        "rope_impl": "dail",
+        "rope_theta": 10000,
+        "sliding_window_size": -1,
+        "softmax_scale": None,
+    },
+    "block_overrides": None,
+    "d_model": 32,
+    "emb_pdrop": 0.0,
+    "embedding_fraction": 1.0,
+    "expansion_ratio": 4,
+    "fc_type": {"name": "torch"},
+    "ffn_config": {"fc_type": {"name": "torch"}, "ffn_type": "mptmlp"},
+    "final_logit_softcapping": None,
+    "head_dim": None,
+    "init_config": {
+        "emb_init_std": None,
+        "emb_init_uniform_lim": None,
+        "fan_mode": "fan_in",
+        "init_div_is_residual": True,
+        "init_gain": 0.0,
+        "init_nonlinearity": "relu",
+        "init_std": None,
+        "name": "kaiming_normal_",
+    },
+    "init_device": "cpu",
+    "learned_pos_emb": False,
+    "logit_scale": None,
+    "max_seq_len": 16,
+    "model_type": "mpt",
+    "n_heads": 4,
+    "n_layers": 2,
+    "no_bias": False,
+    "norm_eps": 1e-05,
+    "norm_type": "low_precision_layernorm",
+    "resid_pdrop": 0.0,
+    "torch_dtype": "float32",
+    "transformers_version": "4.51.3",
+    "use_cache": False,
+    "use_pad_tok_in_ffn": True,
+    "vocab_size": 50,
+}
+# The attn_config keys llm-foundry 0.22 accepts: its attention classes' keyword arguments plus the keys
+# MPTBlock keeps from them. Anything else (e.g. the removed prefix_lm) fails its model construction.
+LLMFOUNDRY_ATTN_KEYS = {
+    "attn_type", "alibi", "attn_uses_sequence_id", "alibi_bias_max", "rope", "rope_theta", "rope_impl",
+    "rope_dail_config", "rope_hf_config", "attn_impl", "clip_qkv", "qk_ln", "qk_gn", "fused_qkv", "softmax_scale",
+    "attn_pdrop", "sliding_window_size", "attn_logit_softcapping", "attn_temperature_tuning", "kv_dim", "nope",
+    "kv_n_heads",
+}  # fmt: skip
+
+
+def test_reads_llmfoundry_config():
+    cfg = MPTConfig.from_hf(LLMFOUNDRY_CONFIG)
+    assert (cfg.no_bias, cfg.qkv_bias, cfg.alibi, cfg.uses_learned_pos_emb) == (False, True, True, False)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        MPTConfig(**SMALL),
+        MPTConfig(**SMALL, attn_type="grouped_query_attention", kv_n_heads=2, qk_gn=True, sliding_window_size=3),
+        MPTConfig(**SMALL, alibi=False, rope=True, rope_impl="hf", rope_hf_type="linear", rope_hf_factor=2.0),
+    ],
+    ids=["mha", "gqa_qkgn_window", "rope_hf_linear"],
+)
+def test_written_config_has_only_keys_llmfoundry_accepts(cfg):
+    """Every attn_config key we write is one llm-foundry 0.22 passes to its attention layer (no prefix_lm),
+    and the config reads back unchanged."""
+    written = cfg.to_hf()
+    assert set(written["attn_config"]) <= LLMFOUNDRY_ATTN_KEYS, set(written["attn_config"]) - LLMFOUNDRY_ATTN_KEYS
+    assert "prefix_lm" not in written["attn_config"]
+    assert MPTConfig.from_hf(written) == cfg
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(block_overrides={"order": [], "overrides": {}}), "block_overrides"),
+        (dict(head_dim=4), "head_dim=4"),
+        (dict(some_new_option=1), "unknown MPT config key.*some_new_option"),
+        (dict(attn_config=dict(LLMFOUNDRY_CONFIG["attn_config"], kv_dim=16)), "kv_dim=16"),
+        (dict(attn_config=dict(LLMFOUNDRY_CONFIG["attn_config"], nope=True)), "nope"),
+        (dict(attn_config=dict(LLMFOUNDRY_CONFIG["attn_config"], prefix_lm=True)), "prefix_lm"),
+        (dict(attn_config=dict(LLMFOUNDRY_CONFIG["attn_config"], new_attn_key=0)), "attn_config.new_attn_key"),
+        (dict(attn_config=dict(LLMFOUNDRY_CONFIG["attn_config"], rope_hf_config={"type": "yarn"})), "rope_hf_type"),
+        (dict(ffn_config={"ffn_type": "mb_moe"}), "ffn_config.ffn_type='mb_moe'"),
+        (dict(ffn_config={"ffn_type": "mptmlp", "ffn_act_fn": {"name": "hardtanh"}}), "hardtanh"),
+        (
+            dict(ffn_config={"ffn_type": "mptmlp", "ffn_act_fn": {"name": "leaky_relu", "negative_slope": 0.2}}),
+            "negative_slope",
+        ),
+        (dict(norm_type="triton_layernorm"), "norm_type='triton_layernorm'"),
+        (dict(fc_type={"name": "custom"}), "fc_type"),
+        (dict(attn_config=dict(LLMFOUNDRY_CONFIG["attn_config"], clip_qkv="6")), "clip_qkv='6': must be float"),
+    ],
+)
+def test_unknown_or_unsupported_keys_are_named(change, match):
+    """An option that would change the math and that we do not implement is an error naming it."""
+    with pytest.raises(ValueError, match=match):
+        MPTConfig.from_hf(dict(LLMFOUNDRY_CONFIG, **change))
 
 
 def test_bad_config_values_are_named(tmp_path):

@@ -232,6 +232,54 @@ def test_writer_disabled_and_console_only(tmp_path, monkeypatch):
     writer.close()
 
 
+class _FakeWandbRun:
+    def __init__(self, calls: list):
+        self.calls = calls
+
+    def log(self, values, step=None):
+        self.calls.append(("log", dict(values), step))
+
+    def finish(self):
+        self.calls.append(("finish",))
+
+
+def _fake_wandb(monkeypatch) -> list:
+    """A stand-in ``wandb`` module that records init/log/finish (the real one needs an account)."""
+    calls: list = []
+    module = types.ModuleType("wandb")
+
+    def init(**kwargs):
+        calls.append(("init", kwargs))
+        return _FakeWandbRun(calls)
+
+    module.init = init
+    monkeypatch.setitem(sys.modules, "wandb", module)
+    return calls
+
+
+def test_writer_sends_every_write_to_wandb(tmp_path, monkeypatch):
+    calls = _fake_wandb(monkeypatch)
+    workdir = str(tmp_path / "run")
+    with metrics.MetricsWriter(workdir, tensorboard=False, wandb={"project": "mpt", "name": "tiny"}) as writer:
+        assert calls == [("init", {"project": "mpt", "name": "tiny", "dir": workdir})]
+        writer.write(10, {"loss": 2.5, "mfu": 0.25})
+        writer.write(10, {"loss": 2.75}, prefix="eval_")
+    assert calls[1:] == [
+        ("log", {"loss": 2.5, "mfu": 0.25}, 10),
+        ("log", {"eval_loss": 2.75}, 10),
+        ("finish",),
+    ]
+    # An explicit dir wins; a writer that is not the main process's never starts a run.
+    calls.clear()
+    metrics.MetricsWriter(workdir, tensorboard=False, wandb={"project": "mpt", "dir": "/elsewhere"}).close()
+    assert calls == [("init", {"project": "mpt", "dir": "/elsewhere"}), ("finish",)]
+    calls.clear()
+    writer = metrics.MetricsWriter(workdir, enabled=False, wandb={"project": "mpt"})
+    writer.write(1, {"loss": 1.0})
+    writer.close()
+    assert calls == []
+
+
 def test_format_console_contains_the_numbers():
     line = metrics.format_console(
         120,

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from attention_reference import reference_probs
+from attention_reference import reference_attention
 
 from mpt_jax.attention import IMPLS, alibi_slopes, attend
 from mpt_jax.attention.pallas_gpu import BlockSizes, _raw_kernels, flash_attention
@@ -29,24 +29,9 @@ SMALL = BlockSizes(block_q=32, block_k=32, block_q_dq=32, block_k_dq=64, block_q
 # Float64 reference (numpy): forward and the gradients of sum(w * out).
 
 
-def ref_attention(q, k, v, w, *, causal, slopes, q_seg, kv_seg, scale):
-    """(out, dq, dk, dv) in float64 for loss = sum(w * out); kv heads repeated, then group-summed."""
-    q, k, v, w = (np.asarray(jnp.asarray(a, jnp.float32), np.float64) for a in (q, k, v, w))
-    _, s_len, n_heads, _ = q.shape
-    t_len, n_kv = k.shape[1], k.shape[2]
-    group = n_heads // n_kv
-    kr, vr = np.repeat(k, group, axis=2), np.repeat(v, group, axis=2)
-    p = reference_probs(q, kr, causal=causal, slopes=slopes, q_seg=q_seg, kv_seg=kv_seg, scale=scale)
-    out = np.einsum("bhst,bthd->bshd", p, vr)
-    dp = np.einsum("bshd,bthd->bhst", w, vr)
-    ds = p * (dp - (dp * p).sum(-1, keepdims=True))
-    dq = np.einsum("bhst,bthd->bshd", ds, kr) * scale
-    dkr = np.einsum("bhst,bshd->bthd", ds, q) * scale
-    dvr = np.einsum("bhst,bshd->bthd", p, w)
-    b = q.shape[0]
-    dk = dkr.reshape(b, t_len, n_kv, group, -1).sum(3)
-    dv = dvr.reshape(b, t_len, n_kv, group, -1).sum(3)
-    return out, dq, dk, dv
+def ref_attention(q, k, v, w, **kwargs):
+    """(out, dq, dk, dv) in float64 for loss = sum(w * out), from the inputs as float32 values."""
+    return reference_attention(*(np.asarray(jnp.asarray(a, jnp.float32), np.float64) for a in (q, k, v, w)), **kwargs)
 
 
 def segments(rng, batch: int, length: int, n_segments: int) -> np.ndarray:
@@ -72,7 +57,7 @@ def make_case(seed, batch, s_len, t_len, n_heads, n_kv, head_dim, n_seg, dtype):
     return q, k, v, w, q_seg, kv_seg
 
 
-def run_flash(q, k, v, w, *, causal, slopes, q_seg, kv_seg, scale, block_sizes=SMALL):
+def run_flash(q, k, v, w, *, causal, slopes, q_seg, kv_seg, scale, block_sizes=SMALL, window=None, softcap=None):
     """(out, (dq, dk, dv)) of flash_attention, gradients of sum(w * out) via jax.grad."""
 
     def loss(q, k, v):
@@ -87,6 +72,8 @@ def run_flash(q, k, v, w, *, causal, slopes, q_seg, kv_seg, scale, block_sizes=S
             softmax_scale=scale,
             block_sizes=block_sizes,
             interpret=True,
+            sliding_window=window,
+            logit_softcap=softcap,
         )
         return jnp.sum(out.astype(jnp.float32) * w), out
 
@@ -218,6 +205,191 @@ def test_poison_hook_detects_unwritten_output():
 
 
 # ------------------------------------------------------------------------------------------------
+# Sliding window (with block skipping) and attention-logit softcapping in the kernels.
+
+B16 = BlockSizes(16, 16, 16, 16, 16, 16)  # 16-wide tiles: a window of 20 leaves most key blocks out
+
+# (batch, q_len, kv_len, heads, kv_heads, head_dim, causal, alibi, n_segments, window, softcap, blocks)
+WINDOW_CASES = [
+    pytest.param(1, 256, 256, 2, 2, 64, True, True, 0, 20, None, B16, id="w20-T256-skipped-blocks"),
+    pytest.param(2, 77, 77, 4, 2, 112, True, True, 3, 5, None, SMALL, id="w5-under-one-block-gqa-hd112-seg"),
+    pytest.param(1, 45, 150, 4, 1, 64, True, True, 0, 0, None, SMALL, id="w0-mqa-chunk"),
+    pytest.param(1, 70, 100, 4, 4, 112, False, True, 2, 13, 1.5, SMALL, id="noncausal-w13-padded-keys-softcap"),
+    pytest.param(
+        1, 93, 93, 4, 2, 112, True, False, 2, None, 2.0, SMALL, id="softcap-alone-hd112", marks=pytest.mark.slow
+    ),
+    pytest.param(1, 1, 37, 4, 2, 64, True, True, 0, 4, 2.0, SMALL, id="decode-in-kernel", marks=pytest.mark.slow),
+    pytest.param(1, 60, 60, 4, 4, 64, True, True, 0, 100, None, SMALL, id="w-over-length", marks=pytest.mark.slow),
+    pytest.param(1, 40, 130, 4, 2, 64, False, False, 0, 1, None, B16, id="noncausal-w1-chunk", marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize(
+    "batch,s_len,t_len,n_heads,n_kv,head_dim,causal,alibi,n_seg,window,softcap,blocks", WINDOW_CASES
+)
+def test_flash_window_softcap_float32(
+    batch, s_len, t_len, n_heads, n_kv, head_dim, causal, alibi, n_seg, window, softcap, blocks
+):
+    """fp32 with a sliding window and/or softcap: output and dq, dk, dv equal float64 within 1e-5."""
+    q, k, v, w, q_seg, kv_seg = make_case(
+        s_len * 3 + t_len, batch, s_len, t_len, n_heads, n_kv, head_dim, n_seg, jnp.float32
+    )
+    q = q * 2.0  # larger logits: the softcap bites
+    slopes = alibi_slopes(n_heads) if alibi else None
+    out, grads = run_flash(
+        q,
+        k,
+        v,
+        w,
+        causal=causal,
+        slopes=None if slopes is None else jnp.asarray(slopes),
+        q_seg=None if q_seg is None else jnp.asarray(q_seg),
+        kv_seg=None if kv_seg is None else jnp.asarray(kv_seg),
+        scale=None,
+        block_sizes=blocks,
+        window=window,
+        softcap=softcap,
+    )
+    opts = dict(causal=causal, slopes=slopes, q_seg=q_seg, kv_seg=kv_seg, scale=1.0 / math.sqrt(head_dim))
+    refs = ref_attention(q, k, v, w, **opts, window=window, softcap=softcap)
+    for name, got, ref in zip(("out", "dq", "dk", "dv"), (out, *grads), refs, strict=True):
+        err = np.abs(np.asarray(got, np.float64) - ref).max()
+        print(
+            f"fp32 window={window} softcap={softcap} {name}: max abs error {err:.1e} (max |ref| {np.abs(ref).max():.1f})"
+        )
+        np.testing.assert_allclose(np.asarray(got), ref, atol=1e-5, rtol=1e-5, err_msg=name)
+    if window is not None and window < t_len - 1:  # the window matters in this case
+        assert np.abs(ref_attention(q, k, v, w, **opts, softcap=softcap)[0] - refs[0]).max() > 1e-2
+    if softcap is not None:
+        assert np.abs(ref_attention(q, k, v, w, **opts, window=window)[0] - refs[0]).max() > 1e-2
+
+
+@pytest.mark.parametrize(
+    "s_len,t_len,n_heads,n_kv,head_dim,n_seg,window,softcap,blocks",
+    [
+        (93, 93, 8, 2, 112, 3, 20, 2.0, SMALL),  # GQA 4, hd 112, segments, window and softcap
+        pytest.param(100, 100, 4, 4, 64, 0, 7, None, B16, marks=pytest.mark.slow),  # hd 64, window under a block
+    ],
+)
+def test_flash_window_softcap_bfloat16(s_len, t_len, n_heads, n_kv, head_dim, n_seg, window, softcap, blocks):
+    """bf16 with window/softcap: output and gradients within 2e-2 of max |ref| (float64 on the rounded inputs)."""
+    q, k, v, w, q_seg, kv_seg = make_case(s_len + 1, 1, s_len, t_len, n_heads, n_kv, head_dim, n_seg, jnp.bfloat16)
+    slopes = alibi_slopes(n_heads)
+    out, grads = run_flash(
+        q,
+        k,
+        v,
+        w,
+        causal=True,
+        slopes=jnp.asarray(slopes),
+        q_seg=None if q_seg is None else jnp.asarray(q_seg),
+        kv_seg=None if kv_seg is None else jnp.asarray(kv_seg),
+        scale=None,
+        block_sizes=blocks,
+        window=window,
+        softcap=softcap,
+    )
+    assert out.dtype == jnp.bfloat16 and all(g.dtype == jnp.bfloat16 for g in grads)
+    refs = ref_attention(
+        q,
+        k,
+        v,
+        w,
+        causal=True,
+        slopes=slopes,
+        q_seg=q_seg,
+        kv_seg=kv_seg,
+        scale=1.0 / math.sqrt(head_dim),
+        window=window,
+        softcap=softcap,
+    )
+    for name, got, ref in zip(("out", "dq", "dk", "dv"), (out, *grads), refs, strict=True):
+        err = np.abs(np.asarray(got, np.float64) - ref).max() / np.abs(ref).max()
+        print(f"bf16 window={window} softcap={softcap} {name}: max error / max |ref| = {err:.1e}")
+        assert err <= 2e-2, (name, err)
+
+
+@pytest.mark.parametrize(
+    "causal,n_seg",
+    [
+        pytest.param(True, 2, marks=pytest.mark.slow),  # causal window with segments
+        (False, 0),  # non-causal: padded queries past the last key see no key at all
+    ],
+)
+def test_every_output_element_is_written_with_window(causal, n_seg):
+    """NaN-poisoned kernel outputs come back finite with a window and softcap (skipped blocks included)."""
+    q, k, v, w, q_seg, kv_seg = make_case(6, 2, 45, 83, 8, 2, 112, n_seg, jnp.float32)
+    kwargs = dict(
+        causal=causal,
+        alibi_slopes=jnp.asarray(alibi_slopes(8)),
+        q_segment_ids=None if q_seg is None else jnp.asarray(q_seg),
+        kv_segment_ids=None if kv_seg is None else jnp.asarray(kv_seg),
+        block_sizes=SMALL,
+        interpret=True,
+        sliding_window=3,
+        logit_softcap=2.0,
+    )
+    cfg, poisoned = _raw_kernels(q, k, v, w, poison=True, **kwargs)
+    _, plain = _raw_kernels(q, k, v, w, **kwargs)
+    assert (cfg.q_pad, cfg.kv_pad, cfg.window, cfg.softcap) == (64, 128, 3, 2.0)
+    for name, a, b in zip(("o", "lse", "dq", "dk", "dv"), poisoned, plain, strict=True):
+        assert np.isfinite(np.asarray(a)).all(), f"{name}: an element was never written (or is not finite)"
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
+
+
+def test_window_skips_blocks(monkeypatch):
+    """Blocks outside the window are never visited: NaNs placed there do not reach the checked results.
+
+    T=256, w=20, causal, 16-wide tiles. Keys 0..31 hold NaN: query tiles from row 64 on (window
+    starting at >= 44) must not visit them. Query rows 224..255 hold NaN (q and the output
+    cotangent): key blocks up to 176..191 (seen by queries up to 211) must not visit them. A
+    visited block would spread NaN through 0 * NaN in the kernels' dots; the control run that
+    visits every block shows it does.
+    """
+    import mpt_jax.attention.pallas_gpu as pg
+
+    q, k, v, w, _, _ = make_case(7, 1, 256, 256, 2, 2, 64, 0, jnp.float32)
+    kw = dict(causal=True, slopes=None, q_seg=None, kv_seg=None, scale=None, block_sizes=B16, window=20)
+    refs = ref_attention(q, k, v, w, causal=True, slopes=None, q_seg=None, kv_seg=None, scale=1 / 8, window=20)
+    k_bad, v_bad = k.at[:, :32].set(jnp.nan), v.at[:, :32].set(jnp.nan)
+    q_bad, w_bad = q.at[:, 224:].set(jnp.nan), w.at[:, 224:].set(jnp.nan)
+    rows, keys = slice(64, 224), slice(64, 192)
+
+    def checked(out, grads):
+        dq, dk, dv = grads
+        return (out[:, rows], dq[:, rows], dk[:, keys], dv[:, keys])
+
+    got = checked(*run_flash(q_bad, k_bad, v_bad, w_bad, **kw))
+    want = (refs[0][:, rows], refs[1][:, rows], refs[2][:, keys], refs[3][:, keys])
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, want, strict=True):
+        np.testing.assert_allclose(np.asarray(a), b, atol=1e-5, rtol=1e-5, err_msg=name)
+
+    def visit_all(cfg, start, bq, bk, n):  # control: every block, all masked
+        return 0, 0, 0, n
+
+    monkeypatch.setattr(pg, "_kv_blocks", visit_all)
+    monkeypatch.setattr(pg, "_q_blocks", visit_all)
+    control = checked(*run_flash(q_bad, k_bad, v_bad, w_bad, **kw))
+    for name, a in zip(("out", "dq", "dk", "dv"), control, strict=True):
+        assert np.isnan(np.asarray(a)).any(), name
+
+
+def test_attend_pallas_window_softcap():
+    """attend(impl="pallas") passes the window and softcap to the kernels: equal to impl="xla"."""
+    q, k, v, _, _, seg = make_case(2, 2, 40, 40, 4, 2, 64, 2, jnp.float32)
+    kw = dict(
+        alibi_slopes=jnp.asarray(alibi_slopes(4)), segment_ids=jnp.asarray(seg), sliding_window=6, logit_softcap=5.0
+    )
+    xla = np.asarray(attend(q, k, v, **kw))
+    pallas = np.asarray(attend(q, k, v, impl="pallas", block_sizes=SMALL, interpret=True, **kw))
+    np.testing.assert_allclose(pallas, xla, atol=2e-6)
+    assert (
+        np.abs(np.asarray(attend(q, k, v, alibi_slopes=kw["alibi_slopes"], segment_ids=kw["segment_ids"])) - xla).max()
+        > 1e-2
+    )
+
+
+# ------------------------------------------------------------------------------------------------
 # attend(impl=...) and the model.
 
 
@@ -337,12 +509,17 @@ def test_head_sharded_shard_map():
 # The GPU lowering, checked without a GPU.
 
 
-def test_triton_lowering_without_gpu():
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"sliding_window": 40, "logit_softcap": 30.0}, {"causal": False, "sliding_window": 7}],
+    ids=["plain", "causal-window-softcap", "noncausal-window"],
+)
+def test_triton_lowering_without_gpu(options):
     """Forward and backward lower through Pallas' Triton backend for "cuda" (cross-platform lowering).
 
     This runs every Pallas-to-Triton lowering rule the kernels use (masked head-dim loads for 112,
-    GQA index maps, scalar slope loads, dynamic loop bounds); Triton's own compilation to PTX
-    happens only on a GPU.
+    GQA index maps, scalar slope loads, dynamic loop bounds, tanh for the softcap); Triton's own
+    compilation to PTX happens only on a GPU.
     """
     q = jax.ShapeDtypeStruct((1, 100, 8, 112), jnp.bfloat16)
     kv = jax.ShapeDtypeStruct((1, 130, 2, 112), jnp.bfloat16)
@@ -352,7 +529,15 @@ def test_triton_lowering_without_gpu():
 
     def loss(q, k, v, slopes, seg_q, seg_kv):
         out = flash_attention(
-            q, k, v, alibi_slopes=slopes, q_segment_ids=seg_q, kv_segment_ids=seg_kv, block_sizes=SMALL, interpret=False
+            q,
+            k,
+            v,
+            alibi_slopes=slopes,
+            q_segment_ids=seg_q,
+            kv_segment_ids=seg_kv,
+            block_sizes=SMALL,
+            interpret=False,
+            **options,
         )
         return jnp.sum(out.astype(jnp.float32))
 

@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import jax
 import jax.numpy as jnp
@@ -82,7 +83,7 @@ def test_7b_and_lion_and_bf16_params():
 
 
 def test_planner_specs_are_sharding_py_specs():
-    """plan.py reuses sharding._spec_for on cached shapes; it must place leaves as sharding.py does."""
+    """plan.py places cached shapes with sharding.shardings_of_state; the same specs as the trainer's."""
     for config, shape in (
         (_small(attn_type="grouped_query_attention", kv_n_heads=2), (2, 2, 2)),
         (_load("30b"), (1, 4, 2)),
@@ -203,6 +204,103 @@ def test_bad_inputs_raise_clear_errors():
         plan.estimate(_small(), (8, 1))
 
 
+def test_mesh_problems_are_the_trainers_checks():
+    """plan.mesh_problems asks run_config.problems (what Trainer checks) of the config on that mesh."""
+    from mpt_jax import run_config
+
+    config = _small(n_heads=4)
+    config.train.micro_batch_size = 2
+    for mesh in plan.mesh_shapes(8):
+        trial = config.copy_and_resolve_references()
+        trial.mesh.data, trial.mesh.fsdp, trial.mesh.tensor = mesh
+        assert plan.mesh_problems(config, mesh) == run_config.problems(trial, 8)
+        if run_config.problems(trial, 8):
+            with pytest.raises(ValueError) as e:
+                run_config.check(trial, 8)
+            assert str(e.value) == run_config.problems(trial, 8)[0]
+    assert plan.mesh_problems(config, (1, 1, 8)) == ["config.model.n_heads=4 is not divisible by config.mesh.tensor=8"]
+    assert plan.mesh_problems(config, (4, 1, 2)) == [
+        "config.train.micro_batch_size=2 is not divisible by the data x fsdp mesh axes (4 x 1)"
+    ]
+
+
+GiB = 1024**3
+
+
+def _fits(config, mesh, limit) -> list[int]:
+    """Every micro-batch size that divides the batch, splits over data x fsdp and fits (by estimate)."""
+    ways, batch = mesh[0] * mesh[1], config.train.global_batch_size
+    out = []
+    for micro in range(ways, batch + 1, ways):
+        if batch % micro == 0:
+            trial = config.copy_and_resolve_references()
+            trial.train.micro_batch_size = micro
+            if plan.estimate(trial, mesh)["total"] <= limit:
+                out.append(micro)
+    return out
+
+
+def test_when_nothing_fits_the_plan_computes_more_devices_and_bf16_params():
+    config = _load("7b")  # fsdp=-1, float32 params, bfloat16 compute, remat full
+    report = plan.plan(config, 2, 65.0)
+    assert report["max_micro_batch_size"] == 0 and _fits(config, (1, 2, 1), 65 * GiB) == []
+    remedies = {r["change"].split("=")[0]: r for r in report["remedies"]}
+    # The fewest devices (growing the -1 fsdp axis) on which a micro-batch fits, and the largest one.
+    more = remedies["--devices"]
+    n = more["devices"]
+    assert more["mesh"] == (1, n, 1) and more["change"] == f"--devices={n}"
+    assert _fits(config, (1, n, 1), 65 * GiB)[-1] == more["micro_batch_size"]
+    assert all(not _fits(config, (1, m, 1), 65 * GiB) for m in range(3, n) if 1024 % m == 0)
+    # bfloat16 params on the same mesh (compute is bfloat16 already, remat already full).
+    bf16 = remedies["--config.model.param_dtype"]
+    assert bf16["change"] == "--config.model.param_dtype=bfloat16"
+    config.model.param_dtype = "bfloat16"
+    fits = _fits(config, (1, 2, 1), 65 * GiB)
+    assert fits and fits[-1] == bf16["micro_batch_size"]
+    config.train.micro_batch_size = bf16["micro_batch_size"]
+    assert plan.estimate(config, (1, 2, 1))["total"] == bf16["total"]
+    assert set(remedies) == {"--devices", "--config.model.param_dtype"}
+
+
+def test_when_nothing_fits_the_plan_computes_another_mesh():
+    config = _load("7b")
+    config.mesh.data, config.mesh.fsdp = -1, 1  # pure data parallel: every device holds the whole state
+    report = plan.plan(config, 8, 80.0)
+    assert report["max_micro_batch_size"] == 0
+    mesh = next(r for r in report["remedies"] if r["change"].startswith("--config.mesh."))
+    best = {m["mesh"]: _fits(config, m["mesh"], 80 * GiB) for m in report["meshes"] if not m["configured"]}
+    assert mesh["micro_batch_size"] == max(f[-1] for f in best.values() if f)
+    assert best[mesh["mesh"]][-1] == mesh["micro_batch_size"]
+    assert mesh["change"] == " ".join(
+        f"--config.mesh.{a}={s}" for a, s in zip(("data", "fsdp", "tensor"), mesh["mesh"], strict=True)
+    )
+    text = plan.format_plan(report, config)
+    assert f"{mesh['change']} (mesh {mesh['mesh']}): micro-batch {mesh['micro_batch_size']} fits" in text
+
+
+def test_cheaper_settings_are_offered_together_when_none_alone_is_enough():
+    config = _load("1b")
+    config.model.dtype, config.model.remat_policy = "float32", "none"
+    report = plan.plan(config, 8, 5.0)
+    assert report["max_micro_batch_size"] == 0
+    for change in ({"param_dtype": "bfloat16"}, {"dtype": "bfloat16"}, {"remat_policy": "full"}):
+        trial = config.copy_and_resolve_references()
+        trial.model.update(change)
+        assert _fits(trial, (1, 8, 1), 5 * GiB) == []
+    (together,) = report["remedies"]
+    assert together["change"] == (
+        "--config.model.param_dtype=bfloat16 --config.model.dtype=bfloat16 --config.model.remat_policy=full"
+    )
+    config.model.update(dict(param_dtype="bfloat16", dtype="bfloat16", remat_policy="full"))
+    assert _fits(config, (1, 8, 1), 5 * GiB)[-1] == together["micro_batch_size"]
+
+
+def test_when_nothing_at_all_fits_the_plan_says_so():
+    report = plan.plan(_load("30b"), 8, 1.0)
+    assert report["max_micro_batch_size"] == 0 and report["remedies"] == []
+    assert "nothing this planner tries" in plan.format_plan(report, _load("30b"))
+
+
 # ------------------------------------------------------------------------------------------------
 # XLA's buffer assignment and the CLI (subprocesses with 8 forced CPU devices).
 
@@ -260,6 +358,7 @@ def xla_results():
     return json.loads(proc.stdout)
 
 
+@pytest.mark.slow
 def test_xla_argument_bytes_are_the_planned_state_exactly(xla_results):
     for name, r in xla_results.items():
         est, xla = r["est"], r["xla"]
@@ -267,6 +366,7 @@ def test_xla_argument_bytes_are_the_planned_state_exactly(xla_results):
         assert xla["alias"] >= est["params"] + est["opt_state"], name  # the donated state is reused
 
 
+@pytest.mark.slow
 def test_xla_temp_bytes_agree_with_the_formula(xla_results):
     """XLA's temporaries over gradients + activations (no margin): within [0.85, 1.25] (docs/sharding.md)."""
     ratios = {}
@@ -342,11 +442,45 @@ def test_launch_yaml_parses_as_a_jobset():
     assert "mpt_jax.train" in " ".join(container.get("command", []) + container.get("args", []))
 
 
-@pytest.mark.parametrize("script", ["slurm.sbatch", "tpu_vm.sh"])
+@pytest.mark.parametrize("script", ["slurm.sbatch", "tpu_vm.sh", "local.sh"])
 def test_launch_shell_syntax(script):
     path = os.path.join(ROOT, "launch", script)
     proc = subprocess.run(["bash", "-n", path], capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr
     with open(path, encoding="utf-8") as f:
         text = f.read()
-    assert text.startswith("#!/bin/bash") and "mpt_jax.train" in text
+    assert text.startswith(("#!/bin/bash", "#!/usr/bin/env bash")) and "mpt_jax.train" in text
+
+
+def _local(tmp_path, log_dir, *command, n=2) -> tuple[subprocess.CompletedProcess, float]:
+    env = dict(os.environ, LOG_DIR=str(log_dir), STOP_GRACE_S="5")
+    start = time.monotonic()
+    done = subprocess.run(
+        ["bash", os.path.join(ROOT, "launch", "local.sh"), str(n), "1", *command],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    return done, time.monotonic() - start
+
+
+def test_local_sh_creates_log_dir_and_fails_fast(tmp_path):
+    """A LOG_DIR that does not exist is created (it used to make process 1 fail to start and process 0
+    wait five minutes at the coordinator); one that cannot be created fails at once; the first
+    process to fail stops the others."""
+    log_dir = tmp_path / "logs" / "run"
+    done, _ = _local(tmp_path, log_dir, "bash", "-c", "echo process $JAX_PROCESS_ID of $JAX_NUM_PROCESSES")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "process 0 of 2"
+    assert (log_dir / "process_1.log").read_text().strip() == "process 1 of 2"
+    (tmp_path / "file").write_text("")
+    done, seconds = _local(tmp_path, tmp_path / "file" / "logs", "true")
+    assert done.returncode == 2 and "cannot be created" in done.stderr and seconds < 10
+    # Process 1 fails at once; the others would sleep for a minute.
+    script = 'if [ "$JAX_PROCESS_ID" = 1 ]; then exit 3; fi; sleep 60'
+    done, seconds = _local(tmp_path, log_dir, "bash", "-c", script, n=3)
+    assert done.returncode == 3 and "a process failed (exit 3)" in done.stderr
+    assert seconds < 20

@@ -82,6 +82,7 @@ def reference(tmp_path_factory, stdlib_data_dir):
     return workdir
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh", [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 2, 4)])
 def test_train_cli_same_on_every_mesh(reference, stdlib_data_dir, tmp_path, mesh):
     """--config.mesh.* overrides on 8 devices: the losses and params of one device, within 1e-5."""
@@ -91,6 +92,7 @@ def test_train_cli_same_on_every_mesh(reference, stdlib_data_dir, tmp_path, mesh
     assert_close_params(params(workdir, 4), params(reference, 4))
 
 
+@pytest.mark.slow
 def test_checkpoint_from_one_mesh_resumes_on_another(reference, stdlib_data_dir, tmp_path):
     """Saved on (1, 8, 1) at step 2, resumed on (2, 2, 2) to step 4: the one-device run's numbers."""
     workdir = str(tmp_path / "reshard")
@@ -101,6 +103,7 @@ def test_checkpoint_from_one_mesh_resumes_on_another(reference, stdlib_data_dir,
     assert_close_params(params(workdir, 4), params(reference, 4))
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one_and_their_checkpoint_restores_in_one(reference, stdlib_data_dir, tmp_path):
     """launch/local.sh: 2 processes x 4 CPU devices (jax.distributed over 127.0.0.1) = 1 process x 8."""
     workdir = str(tmp_path / "two")
@@ -173,6 +176,7 @@ SHARDED_STEP = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_sharded_train_step_matches_one_device_with_mha_gqa_mqa(tmp_path):
     """The jitted step under each mesh's shardings equals one device (1e-5), also when kv heads are
     fewer than the tensor axis (GQA 2 kv heads on tensor 4, MQA): those stay replicated."""
@@ -261,6 +265,7 @@ PALLAS_SHARDED = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_pallas_attention_in_the_sharded_train_step(tmp_path):
     """attn_impl='pallas' (interpret mode here) inside the jitted, sharded step: the kernel runs per
     shard (rows over data x fsdp, heads over tensor with their global ALiBi slopes) and matches the

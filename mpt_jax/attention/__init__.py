@@ -1,15 +1,22 @@
 """One attention function, several backends.
 
-``attend(q, k, v, causal=..., alibi_slopes=..., segment_ids=..., impl=...)`` is all the model
-knows of attention; backends live in their own modules and know nothing of the model.
+``attend(q, k, v, causal=..., alibi_slopes=..., segment_ids=..., sliding_window=...,
+logit_softcap=..., impl=...)`` is all the model knows of attention; backends live in their own
+modules and know nothing of the model.
+
+The math is llm-foundry's MPT attention: ``s = softmax_scale * q.k``; with a softcap c,
+``s = c * tanh(s / c)``; then the ALiBi bias; then the masks (causal, sliding window
+``|i - j| <= w``, packed-sequence segments); softmax; times v.
 
 Backends (``IMPLS``):
   xla     plain jnp (``xla.py``): the reference, the CPU/TPU default, the only one with dropout.
   pallas  flash attention kernels (``pallas_gpu.py``, Triton lowering on GPU, interpret mode on
-          CPU): ALiBi, causal and segments computed in the kernel, nothing [T, T] in memory.
+          CPU): ALiBi, causal, sliding window, softcap and segments computed in the kernel,
+          nothing [T, T] in memory; key blocks outside the window are never visited.
   cudnn   ``jax.nn.dot_product_attention(implementation="cudnn")`` with a materialized ALiBi bias
-          and mask: a GPU-only comparison point.
-  auto    pallas on GPU (when it applies: no dropout, q_len > 1), xla elsewhere.
+          and mask (the sliding window included): a GPU-only comparison point; no softcap.
+  auto    pallas on GPU (when it applies: no dropout, q_len > 1), xla elsewhere; both support
+          every option but dropout (xla only).
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import jax.numpy as jnp
 from mpt_jax.attention.alibi import alibi_slopes
 from mpt_jax.attention.names import IMPLS
 from mpt_jax.attention.pallas_gpu import BlockSizes, flash_attention
-from mpt_jax.attention.xla import attend_xla, attention_bias
+from mpt_jax.attention.xla import attend_xla, attention_bias, check_options
 
 __all__ = ["IMPLS", "BlockSizes", "alibi_slopes", "attend"]
 
@@ -42,8 +49,11 @@ def attend(
     impl: str = "xla",
     interpret: bool | None = None,
     block_sizes: BlockSizes | None = None,
+    sliding_window: int | None = None,
+    logit_softcap: float | None = None,
 ) -> jax.Array:
-    """Multi-head attention with optional ALiBi, causal mask and packed-sequence segments.
+    """Multi-head attention with optional ALiBi, causal mask, sliding window, logit softcapping and
+    packed-sequence segments.
 
     Args:
       q: [batch, q_len, heads, head_dim].
@@ -58,10 +68,15 @@ def attend(
       segment_ids: int [batch, len] ids for self-attention (q_len == kv_len), or a pair
         (q_segment_ids, kv_segment_ids); a query attends only to keys of its own segment.
       softmax_scale: defaults to 1/sqrt(head_dim).
+      sliding_window: None or -1: off (llm-foundry's ``sliding_window_size=-1``); w >= 0: the query
+        at key position i sees only keys j with ``|i - j| <= w`` (flash-attn's ``window_size=(w, w)``;
+        causal: ``i - w <= j <= i``; a single decode query sees the last w + 1 keys).
+      logit_softcap: None: off; c > 0: scaled scores become ``c * tanh(s / c)`` before the ALiBi
+        bias is added (llm-foundry's ``attn_logit_softcapping``). impl="cudnn" has none (ValueError).
       dropout_rate, dropout_rng: dropout on the attention probabilities (training only; impl="xla"
         only: "pallas" and "cudnn" raise ValueError, "auto" falls back to xla).
       impl: backend name, one of IMPLS (see the module docstring). "pallas" runs q_len == 1
-        (decoding) through xla.
+        (decoding) through xla (with every option above).
       interpret: impl="pallas" only: run the kernels in Pallas interpret mode; default: when the
         default backend is CPU.
       block_sizes: impl="pallas" only: tile sizes (``BlockSizes``); default per head_dim.
@@ -95,11 +110,12 @@ def attend(
             raise ValueError(
                 f"attend: segment ids {q_seg.shape}/{kv_seg.shape} do not match q {q.shape[:2]} / kv {k.shape[:2]}"
             )
+    window, softcap = check_options(sliding_window, logit_softcap, caller="attend")
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     if impl not in IMPLS:
         raise ValueError(f"attend: unknown impl={impl!r}; expected one of {IMPLS}")
     on_gpu = jax.default_backend() == "gpu"
-    if impl == "auto":
+    if impl == "auto":  # both choices support the window and the softcap
         impl = "pallas" if on_gpu and dropout_rate == 0.0 and q.shape[1] > 1 else "xla"
     if impl in ("pallas", "cudnn") and dropout_rate > 0.0:
         raise ValueError(
@@ -107,16 +123,29 @@ def attend(
         )
     if impl == "pallas" and q.shape[1] > 1:
         kernel = functools.partial(
-            flash_attention, causal=causal, softmax_scale=scale, block_sizes=block_sizes, interpret=interpret
+            flash_attention,
+            causal=causal,
+            softmax_scale=scale,
+            block_sizes=block_sizes,
+            interpret=interpret,
+            sliding_window=window,
+            logit_softcap=softcap,
         )
         return _on_mesh(kernel, q, k, v, alibi_slopes, q_seg, kv_seg)
     if impl == "cudnn":
+        if softcap is not None:
+            raise ValueError(
+                f"attend: impl='cudnn' has no attention logit softcapping (logit_softcap={softcap}); "
+                "use impl='pallas', 'xla' or 'auto'"
+            )
         if not on_gpu:
             raise ValueError(
                 f"attend: impl='cudnn' needs a GPU (cuDNN flash attention); the default backend is "
                 f"{jax.default_backend()!r}. Use impl='xla' or 'auto'."
             )
-        return _attend_cudnn(q, k, v, causal=causal, alibi_slopes=alibi_slopes, q_seg=q_seg, kv_seg=kv_seg, scale=scale)
+        return _attend_cudnn(
+            q, k, v, causal=causal, alibi_slopes=alibi_slopes, q_seg=q_seg, kv_seg=kv_seg, scale=scale, window=window
+        )
     if impl in ("xla", "pallas"):  # pallas with q_len == 1: one query row, nothing to tile
         return attend_xla(
             q,
@@ -129,15 +158,18 @@ def attend(
             softmax_scale=scale,
             dropout_rate=dropout_rate,
             dropout_rng=dropout_rng,
+            sliding_window=window,
+            logit_softcap=softcap,
         )
     raise AssertionError(impl)  # unreachable: every name in IMPLS is handled above
 
 
-def _attend_cudnn(q, k, v, *, causal, alibi_slopes, q_seg, kv_seg, scale) -> jax.Array:
+def _attend_cudnn(q, k, v, *, causal, alibi_slopes, q_seg, kv_seg, scale, window) -> jax.Array:
     """cuDNN flash attention with ALiBi materialized as a [1, H, S, T] bias (the comparison point).
 
     cuDNN's causal mask is top-left aligned, so for q_len < kv_len the (bottom-right) causal mask
-    goes into the boolean mask instead of ``is_causal``.
+    goes into the boolean mask instead of ``is_causal``. The sliding window goes into the boolean
+    mask too: cuDNN's own (``local_window_size``) is top-left aligned and left-sided only.
     """
     q_len, kv_len = q.shape[1], k.shape[1]
     bias = None
@@ -153,6 +185,10 @@ def _attend_cudnn(q, k, v, *, causal, alibi_slopes, q_seg, kv_seg, scale) -> jax
         q_pos = jnp.arange(q_len)[:, None] + (kv_len - q_len)
         tri = (jnp.arange(kv_len)[None, :] <= q_pos)[None, None]
         mask = tri if mask is None else mask & tri
+    if window is not None:
+        q_pos = jnp.arange(q_len)[:, None] + (kv_len - q_len)
+        near = (jnp.abs(jnp.arange(kv_len)[None, :] - q_pos) <= window)[None, None]
+        mask = near if mask is None else mask & near
     return jax.nn.dot_product_attention(
         q,
         k.astype(q.dtype),

@@ -1,8 +1,9 @@
 """Flash attention (FlashAttention-2) as Pallas kernels for the Triton GPU lowering.
 
 ``flash_attention(q, k, v, ...)`` computes exactly what ``attend_xla`` computes (causal mask with
-queries aligned to the end of the keys, ALiBi, packed-sequence segment ids, MQA/GQA, any softmax
-scale) without materializing a [heads, q_len, kv_len] score, bias or mask tensor:
+queries aligned to the end of the keys, ALiBi, sliding window, attention-logit softcapping,
+packed-sequence segment ids, MQA/GQA, any softmax scale) without materializing a
+[heads, q_len, kv_len] score, bias or mask tensor:
 
 * forward: one program per (query block, batch, head) walks the key blocks with an online softmax
   in float32 and writes the output and the row logsumexp (kept for the backward);
@@ -10,18 +11,25 @@ scale) without materializing a [heads, q_len, kv_len] score, bias or mask tensor
   the probabilities blockwise from the saved logsumexp: one per (query block, batch, head) for dq,
   one per (key block, batch, kv head) for dk and dv, which loops over the query heads of its GQA
   group so the group sum happens in registers (no repeated k/v, no [B, T, H, D] partials);
-* causal attention skips key blocks entirely above the diagonal (and, in the dk/dv kernel, query
-  blocks entirely before the key block); the mask is only evaluated on blocks that straddle it;
+* block skipping: the forward and dq kernels visit only the key blocks that hold a visible key
+  for some query of the tile (causal: none above the diagonal; sliding window w: none entirely
+  before ``i_pos - w`` or, non-causal, after ``i_pos + w``), the dk/dv kernel only the query
+  blocks that see some key of its block; the mask is evaluated only on blocks that straddle an
+  edge (diagonal, window edge, padded keys), every other visited block is fully visible;
 * ALiBi is computed in the kernel from the head's slope and the positions,
   ``bias = -slope_h * |i_pos - j_pos|`` with ``i_pos = i + kv_len - q_len``;
+* the sliding window keeps key j for query i iff ``|i_pos - j| <= w``; the softcap c turns the
+  scaled score u into ``c * tanh(u / c)`` before ALiBi is added, and its backward multiplies
+  ds by ``1 - tanh(u / c)^2``;
 * any length: the wrapper pads q and k/v along the sequence to block multiples and the kernels
   mask padded keys; any head dim: blocks span the next power of two and loads/stores are masked
   (e.g. 112 -> 128 for MPT-30B; the padded columns are zeros and are never written);
 * float32 accumulation whatever the input dtype (bf16, fp16, fp32); fp32 inputs use IEEE-precision
   dots (not TF32) so fp32 results match XLA's.
 
-Scores are kept in the log2 domain (``exp2`` is the native instruction): the scale and the slopes
-are multiplied by log2(e) once in the wrapper and the saved logsumexp is base 2.
+Scores are kept in the log2 domain (``exp2`` is the native instruction): the scale (or, with a
+softcap, the cap c) and the slopes are multiplied by log2(e) once and the saved logsumexp is
+base 2; the tanh of the softcap is taken of the natural-domain score.
 
 Kernels run on GPU through the Triton lowering (``jax.experimental.pallas.triton.CompilerParams``
 selects it explicitly; JAX 0.11 deprecates but still ships that backend) and anywhere with
@@ -41,6 +49,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+
+from mpt_jax.attention.xla import check_options
 
 try:  # The Triton-specific API (CompilerParams, masked load/store); present in jax 0.10 and 0.11.
     from jax.experimental.pallas import triton as pltriton
@@ -127,6 +137,8 @@ class _Cfg:
     hd_pad: int
     causal: bool
     scale: float
+    window: int | None  # sliding window w >= 0, or None
+    softcap: float | None  # attention-logit softcap c > 0, or None
     has_seg: bool
     has_alibi: bool
     bq: int
@@ -199,28 +211,111 @@ def _precision(dtype):
     return lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
 
 
-def _scores(cfg: _Cfg, q, k, q_pos, k_pos, q_seg, k_seg, slope, *, diagonal: bool, precision):
-    """[bq, bk] float32 log2-domain logits with ALiBi and masks applied.
+def _scores(cfg: _Cfg, q, k, q_pos, k_pos, q_seg, k_seg, slope, *, masked: bool, precision, softcap_grad=False):
+    """([bq, bk] float32 log2-domain logits with softcap, ALiBi and masks applied, softcap factor).
 
-    ``diagonal``: the tile may hold keys after some of its queries (causal) or padded keys; tiles
-    known to be fully visible skip the mask arithmetic.
+    ``masked``: the tile may hold keys outside a query's causal range or window, or padded keys;
+    tiles known to be fully visible skip the mask arithmetic (segments are always checked). The
+    softcap factor ``1 - tanh(u / c)^2`` (for the backward, ``softcap_grad``) is None without one.
     """
-    s = _dot(q, k, 1, 1, precision) * cfg.scale_log2
+    dots = _dot(q, k, 1, 1, precision)
+    factor = None
+    if cfg.softcap is None:
+        s = dots * cfg.scale_log2
+    else:
+        t = jnp.tanh(dots * (cfg.scale / cfg.softcap))
+        s = t * (cfg.softcap * LOG2E)
+        if softcap_grad:
+            factor = 1.0 - t * t
     if cfg.has_alibi:
         dist = q_pos.astype(jnp.float32)[:, None] - k_pos.astype(jnp.float32)[None, :]
         s = s - slope * jnp.abs(dist)
-    mask = None
-    if diagonal:
-        if cfg.causal:
-            mask = k_pos[None, :] <= q_pos[:, None]
-        elif cfg.kv_pad != cfg.kv_len:  # padded keys (causal masks them already: j > every real i_pos)
-            mask = jnp.broadcast_to(k_pos[None, :] < cfg.kv_len, s.shape)
+    mask = _edge_mask(cfg, q_pos, k_pos) if masked else None
     if cfg.has_seg:
         same = q_seg[:, None] == k_seg[None, :]
         mask = same if mask is None else mask & same
     if mask is not None:
         s = jnp.where(mask, s, MASK_VALUE)
-    return s
+    return s, factor
+
+
+def _edge_mask(cfg: _Cfg, q_pos, k_pos):
+    """[bq, bk] bool: causal, sliding window and (non-causal) padded keys; None if nothing to mask."""
+    mask = None
+    if cfg.causal:  # (padded keys are after every real query: masked too)
+        mask = k_pos[None, :] <= q_pos[:, None]
+    elif cfg.kv_pad != cfg.kv_len:
+        mask = jnp.broadcast_to(k_pos[None, :] < cfg.kv_len, (q_pos.shape[0], k_pos.shape[0]))
+    if cfg.window is not None:
+        near = q_pos[:, None] - k_pos[None, :] <= cfg.window
+        if not cfg.causal:
+            near = near & (k_pos[None, :] - q_pos[:, None] <= cfg.window)
+        mask = near if mask is None else mask & near
+    return mask
+
+
+def _kv_blocks(cfg: _Cfg, q_start, bq: int, bk: int, nk: int):
+    """Key blocks a query tile visits: (first, clean_lo, clean_hi, end).
+
+    Blocks [first, clean_lo) and [clean_hi, end) evaluate the mask; [clean_lo, clean_hi) are fully
+    visible to every query of the tile (padded ones included); blocks outside [first, end) hold no
+    key any query of the tile may see, and are skipped. Every tile visits at least one block, so
+    even a padded query that sees nothing gets a nonzero softmax denominator.
+    """
+    w = cfg.window
+    lo = q_start + cfg.offset  # the tile's query positions are [lo, hi]
+    hi = lo + bq - 1
+    n_real = -(-cfg.kv_len // bk)  # blocks holding at least one real key
+    if cfg.causal:  # keys j <= hi (with a window also j >= lo - w)
+        end = jnp.minimum(lax.div(hi, bk) + 1, nk)
+    elif w is not None:  # real keys j <= hi + w
+        end = jnp.minimum(lax.div(hi + w, bk) + 1, n_real)
+    else:
+        end = jnp.asarray(n_real, jnp.int32)
+    first = 0 if w is None else lax.div(jnp.maximum(lo - w, 0), bk)
+    first = jnp.minimum(first, end - 1)
+    # Fully visible blocks: every key j >= hi - w and j <= lo (causal), <= lo + w and real (not).
+    clean_lo = 0 if w is None else lax.div(jnp.maximum(hi - w, 0) + bk - 1, bk)
+    if cfg.causal:
+        last_key = lo
+    else:
+        last_key = cfg.kv_len - 1 if w is None else jnp.minimum(lo + w, cfg.kv_len - 1)
+    clean_hi = lax.div(last_key + 1, bk)
+    clean_lo = jnp.clip(clean_lo, first, end)
+    return first, clean_lo, jnp.clip(clean_hi, clean_lo, end), end
+
+
+def _q_blocks(cfg: _Cfg, k_start, bq: int, bk: int, nq: int):
+    """Query blocks the dk/dv kernel visits for one key block: (first, clean_lo, clean_hi, end).
+
+    As ``_kv_blocks`` from the key side: query blocks outside [first, end) see no key of the block
+    (causal: they end before it; window: they start after ``last key + w``, or, non-causal, end
+    before ``first key - w``) and are skipped; [clean_lo, clean_hi) see every key of it.
+    """
+    w, off = cfg.window, cfg.offset
+    a, b = k_start, k_start + bk - 1  # the block's key positions
+    first_pos = a if cfg.causal else (None if w is None else a - w)  # first query position that sees a key
+    first = 0 if first_pos is None else lax.div(jnp.maximum(first_pos - off, 0), bq)
+    # Query blocks whose first position is <= b + w: ceil((b + w - off + 1) / bq) of them.
+    end = jnp.asarray(nq, jnp.int32) if w is None else jnp.minimum(lax.div(jnp.maximum(b + w - off + bq, 0), bq), nq)
+    first = jnp.minimum(first, end)
+    # Fully visible: every query position >= b (causal) or >= b - w, and <= a + w.
+    clean_pos = b if cfg.causal else (None if w is None else b - w)
+    clean_lo = 0 if clean_pos is None else lax.div(jnp.maximum(clean_pos - off, 0) + bq - 1, bq)
+    clean_hi = end if w is None else lax.div(jnp.maximum(a + w - off + 1, 0), bq)
+    if not cfg.causal and cfg.kv_pad != cfg.kv_len:  # a block with padded keys needs the mask
+        clean_hi = jnp.where(b < cfg.kv_len, clean_hi, 0)
+    clean_lo = jnp.clip(clean_lo, first, end)
+    return first, clean_lo, jnp.clip(clean_hi, clean_lo, end), end
+
+
+def _visit(body, carry, blocks):
+    """Runs ``body(index, carry, masked)`` over the (first, clean_lo, clean_hi, end) block ranges."""
+    first, clean_lo, clean_hi, end = blocks
+    masked, clean = functools.partial(body, masked=True), functools.partial(body, masked=False)
+    carry = lax.fori_loop(first, clean_lo, masked, carry)
+    carry = lax.fori_loop(clean_lo, clean_hi, clean, carry)
+    return lax.fori_loop(clean_hi, end, masked, carry)
 
 
 def _split_refs(refs, cfg: _Cfg, n_in: int, n_out: int):
@@ -239,18 +334,6 @@ def _split_refs(refs, cfg: _Cfg, n_in: int, n_out: int):
     return core, seg, slope, refs
 
 
-def _causal_kv_blocks(cfg: _Cfg, q_start, bq: int, bk: int, nk: int):
-    """(first key block that straddles the diagonal or padding, number of key blocks to visit)."""
-    if not cfg.causal:
-        n_full = nk if cfg.kv_pad == cfg.kv_len else cfg.kv_len // bk
-        return n_full, nk
-    # Keys j <= i_pos are visible; the tile's query positions span [lo, lo + bq - 1].
-    lo = q_start + cfg.offset
-    n_full = lax.div(lo + 1, bk)  # blocks whose last key <= lo: fully visible
-    n_visit = jnp.minimum(lax.div(lo + bq - 1, bk) + 1, nk)
-    return jnp.minimum(n_full, n_visit), n_visit
-
-
 # ------------------------------------------------------------------------------------------------
 # Forward kernel: grid (query blocks, batch, heads).
 
@@ -266,14 +349,14 @@ def _fwd_kernel(*refs, cfg: _Cfg, precision):
     q_seg = qseg_ref[...] if cfg.has_seg else None
     slope = slope_ref[...] if cfg.has_alibi else None
 
-    def body(kb, carry, diagonal):
+    def body(kb, carry, masked):
         o, m, denom = carry
         k_start = pl.multiple_of(kb * bk, bk)
         k = _load(k_ref.at[pl.ds(k_start, bk), :], hmask)
         v = _load(v_ref.at[pl.ds(k_start, bk), :], hmask)
         k_pos = k_start + jnp.arange(bk, dtype=jnp.int32)
         k_seg = kseg_ref[pl.ds(k_start, bk)] if cfg.has_seg else None
-        s = _scores(cfg, q, k, q_pos, k_pos, q_seg, k_seg, slope, diagonal=diagonal, precision=precision)
+        s, _ = _scores(cfg, q, k, q_pos, k_pos, q_seg, k_seg, slope, masked=masked, precision=precision)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         alpha = jnp.exp2(m - m_new)
         p = jnp.exp2(s - m_new[:, None])
@@ -286,9 +369,7 @@ def _fwd_kernel(*refs, cfg: _Cfg, precision):
         jnp.full((bq,), MASK_VALUE, jnp.float32),
         jnp.zeros((bq,), jnp.float32),
     )
-    n_full, n_visit = _causal_kv_blocks(cfg, q_start, bq, bk, nk)
-    carry = lax.fori_loop(0, n_full, functools.partial(body, diagonal=False), carry)
-    o, m, denom = lax.fori_loop(n_full, n_visit, functools.partial(body, diagonal=True), carry)
+    o, m, denom = _visit(body, carry, _kv_blocks(cfg, q_start, bq, bk, nk))
     # Every row visited >= 1 key block, so denom >= 1 (its largest term is exp2(0)).
     _store(o_ref, o / denom[:, None], hmask)
     lse_ref[...] = m + jnp.log2(denom)
@@ -385,23 +466,29 @@ def _dq_kernel(*refs, cfg: _Cfg, precision):
     q_seg = qseg_ref[...] if cfg.has_seg else None
     slope = slope_ref[...] if cfg.has_alibi else None
 
-    def body(kb, dq, diagonal):
+    def body(kb, dq, masked):
         k_start = pl.multiple_of(kb * bk, bk)
         k = _load(k_ref.at[pl.ds(k_start, bk), :], hmask)
         v = _load(v_ref.at[pl.ds(k_start, bk), :], hmask)
         k_pos = k_start + jnp.arange(bk, dtype=jnp.int32)
         k_seg = kseg_ref[pl.ds(k_start, bk)] if cfg.has_seg else None
-        s = _scores(cfg, q, k, q_pos, k_pos, q_seg, k_seg, slope, diagonal=diagonal, precision=precision)
+        s, factor = _scores(
+            cfg, q, k, q_pos, k_pos, q_seg, k_seg, slope, masked=masked, precision=precision, softcap_grad=True
+        )
         p = jnp.exp2(s - lse[:, None])
         dp = _dot(do, v, 1, 1, precision)
-        ds = p * (dp - delta[:, None])
+        ds = _dscores(p, dp, delta, factor)
         return dq + _dot(ds.astype(k.dtype), k, 1, 0, precision)
 
     dq = jnp.zeros((bq, cfg.hd_pad), jnp.float32)
-    n_full, n_visit = _causal_kv_blocks(cfg, q_start, bq, bk, nk)
-    dq = lax.fori_loop(0, n_full, functools.partial(body, diagonal=False), dq)
-    dq = lax.fori_loop(n_full, n_visit, functools.partial(body, diagonal=True), dq)
+    dq = _visit(body, dq, _kv_blocks(cfg, q_start, bq, bk, nk))
     _store(dq_ref, dq * cfg.scale, hmask)
+
+
+def _dscores(p, dp, delta, factor):
+    """Gradient of the loss w.r.t. the scaled score q.k * scale: softmax backward, then the softcap's."""
+    ds = p * (dp - delta[:, None])
+    return ds if factor is None else ds * factor
 
 
 def _dkv_kernel(*refs, cfg: _Cfg, precision):
@@ -416,16 +503,9 @@ def _dkv_kernel(*refs, cfg: _Cfg, precision):
     k_pos = k_start + jnp.arange(bk, dtype=jnp.int32)
     k_seg = kseg_ref[...] if cfg.has_seg else None
 
-    if cfg.causal:
-        # Query i sees key j iff i + offset >= j: skip query blocks that end before the first key;
-        # blocks whose first query sees the last key need no mask.
-        first = lax.div(jnp.maximum(k_start - cfg.offset, 0), bq)
-        n_clean = lax.div(jnp.maximum(k_start + bk - 1 - cfg.offset, 0) + bq - 1, bq)
-        q_lo, q_mid = first, jnp.minimum(jnp.maximum(n_clean, first), nq)
-    else:  # (padded keys need no mask here: their dk/dv are discarded and they feed nothing else)
-        q_lo = q_mid = 0
+    blocks = _q_blocks(cfg, k_start, bq, bk, nq)
 
-    def body(qb, carry, g, slope, diagonal):
+    def body(qb, carry, g, slope, masked):
         dk, dv = carry
         q_start = pl.multiple_of(qb * bq, bq)
         rows = pl.ds(q_start, bq)
@@ -437,18 +517,19 @@ def _dkv_kernel(*refs, cfg: _Cfg, precision):
         delta = delta_ref[(*head, rows)]
         q_pos = q_start + cfg.offset + jnp.arange(bq, dtype=jnp.int32)
         q_seg = qseg_ref[rows] if cfg.has_seg else None
-        s = _scores(cfg, q, k, q_pos, k_pos, q_seg, k_seg, slope, diagonal=diagonal, precision=precision)
+        s, factor = _scores(
+            cfg, q, k, q_pos, k_pos, q_seg, k_seg, slope, masked=masked, precision=precision, softcap_grad=True
+        )
         p = jnp.exp2(s - lse[:, None])
         dv = dv + _dot(p.astype(do.dtype), do, 0, 0, precision)
         dp = _dot(do, v, 1, 1, precision)
-        ds = p * (dp - delta[:, None])
+        ds = _dscores(p, dp, delta, factor)
         dk = dk + _dot(ds.astype(q.dtype), q, 0, 0, precision)
         return dk, dv
 
     def head(g, carry):
         slope = (slope_ref[...] if g is None else slope_ref[g]) if cfg.has_alibi else None
-        carry = lax.fori_loop(q_lo, q_mid, functools.partial(body, g=g, slope=slope, diagonal=True), carry)
-        return lax.fori_loop(q_mid, nq, functools.partial(body, g=g, slope=slope, diagonal=False), carry)
+        return _visit(functools.partial(body, g=g, slope=slope), carry, blocks)
 
     carry = (jnp.zeros((bk, cfg.hd_pad), jnp.float32), jnp.zeros((bk, cfg.hd_pad), jnp.float32))
     if cfg.group == 1:
@@ -590,7 +671,9 @@ def _flash_bwd(cfg: _Cfg, res, do):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def _make_cfg(q, k, v, *, causal, has_seg, has_alibi, softmax_scale, block_sizes, interpret, poison=False) -> _Cfg:
+def _make_cfg(
+    q, k, v, *, causal, has_seg, has_alibi, softmax_scale, block_sizes, interpret, window, softcap, poison=False
+) -> _Cfg:
     batch, q_len, n_heads, head_dim = q.shape
     kv_len, n_kv = k.shape[1], k.shape[2]
     bs = (block_sizes or BlockSizes()).resolve(head_dim)
@@ -614,6 +697,8 @@ def _make_cfg(q, k, v, *, causal, has_seg, has_alibi, softmax_scale, block_sizes
         hd_pad=max(MIN_BLOCK, _next_pow2(head_dim)),
         causal=bool(causal),
         scale=float(softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)),
+        window=window,
+        softcap=softcap,
         has_seg=has_seg,
         has_alibi=has_alibi,
         bq=bq,
@@ -662,11 +747,15 @@ def flash_attention(
     softmax_scale: float | None = None,
     block_sizes: BlockSizes | None = None,
     interpret: bool | None = None,
+    sliding_window: int | None = None,
+    logit_softcap: float | None = None,
 ) -> jax.Array:
     """Flash attention: q [B, S, H, D], k and v [B, T, Hkv, D] (H % Hkv == 0, S <= T) -> [B, S, H, D].
 
     Same semantics as ``attend_xla``: query i sits at key position ``i + T - S``; causal hides keys
-    after it; ALiBi adds ``-slope_h * |i_pos - j|`` (``alibi_slopes`` [H], the slopes of *these*
+    after it; ``sliding_window`` w (None or -1: off) hides keys j with ``|i_pos - j| > w``;
+    ``logit_softcap`` c (None: off) maps the scaled score u to ``c * tanh(u / c)``; then ALiBi
+    adds ``-slope_h * |i_pos - j|`` (``alibi_slopes`` [H], the slopes of *these*
     heads: under a head-sharded ``shard_map`` pass each shard the slopes of its global head indices,
     and give shard_map ``check_vma=False``); with segment ids a query sees only keys of its own
     segment. A query that sees no key at all gets an unspecified finite value. Differentiable in
@@ -674,17 +763,41 @@ def flash_attention(
     number (it is compiled into the kernel); default 1/sqrt(D).
     """
     k, v, cfg = _setup(
-        q, k, v, causal, alibi_slopes, q_segment_ids, kv_segment_ids, softmax_scale, block_sizes, interpret
+        q,
+        k,
+        v,
+        causal,
+        alibi_slopes,
+        q_segment_ids,
+        kv_segment_ids,
+        softmax_scale,
+        block_sizes,
+        interpret,
+        sliding_window,
+        logit_softcap,
     )
     return _flash(q, k, v, q_segment_ids, kv_segment_ids, alibi_slopes, cfg)
 
 
 def _setup(
-    q, k, v, causal, alibi_slopes, q_segment_ids, kv_segment_ids, softmax_scale, block_sizes, interpret, poison=False
+    q,
+    k,
+    v,
+    causal,
+    alibi_slopes,
+    q_segment_ids,
+    kv_segment_ids,
+    softmax_scale,
+    block_sizes,
+    interpret,
+    sliding_window,
+    logit_softcap,
+    poison=False,
 ):
     """k and v in q's dtype, the inputs checked, and the static kernel config."""
     k, v = k.astype(q.dtype), v.astype(q.dtype)
     _check_inputs(q, k, v, alibi_slopes, q_segment_ids, kv_segment_ids)
+    window, softcap = check_options(sliding_window, logit_softcap, caller="flash_attention")
     cfg = _make_cfg(
         q,
         k,
@@ -695,6 +808,8 @@ def _setup(
         softmax_scale=softmax_scale,
         block_sizes=block_sizes,
         interpret=interpret,
+        window=window,
+        softcap=softcap,
         poison=poison,
     )
     return k, v, cfg
@@ -713,6 +828,8 @@ def _raw_kernels(
     softmax_scale=None,
     block_sizes=None,
     interpret=None,
+    sliding_window=None,
+    logit_softcap=None,
     poison=False,
 ):
     """Test hook: the padded kernel outputs (o, lse, dq, dk, dv) of one forward and backward.
@@ -721,7 +838,19 @@ def _raw_kernels(
     kernels never write comes back NaN, padding rows included.
     """
     k, v, cfg = _setup(
-        q, k, v, causal, alibi_slopes, q_segment_ids, kv_segment_ids, softmax_scale, block_sizes, interpret, poison
+        q,
+        k,
+        v,
+        causal,
+        alibi_slopes,
+        q_segment_ids,
+        kv_segment_ids,
+        softmax_scale,
+        block_sizes,
+        interpret,
+        sliding_window,
+        logit_softcap,
+        poison,
     )
     padded = _pad_all(cfg, q, k, v, q_segment_ids, kv_segment_ids, alibi_slopes)
     o, lse = _forward(cfg, *padded)

@@ -1,16 +1,47 @@
 """Attention in plain jnp: the reference path and the CPU/TPU default.
 
-Scores, ALiBi bias, masks and softmax are float32 whatever the input dtype; grouped kv heads are
-broadcast by reshaping the queries (no repeated k/v in memory).
+Scores, logit softcapping, ALiBi bias, masks and softmax are float32 whatever the input dtype;
+grouped kv heads are broadcast by reshaping the queries (no repeated k/v in memory). The order is
+llm-foundry's: ``s = softmax_scale * q.k``, then ``s = c * tanh(s / c)`` (softcap c), then the
+ALiBi bias, then the causal, sliding-window and segment masks.
+
+This module also holds ``check_options``, the one validation of the sliding-window and softcap
+arguments that every backend shares.
 """
 
 from __future__ import annotations
+
+import math
+import numbers
 
 import jax
 import jax.numpy as jnp
 
 # A large finite negative: exp() underflows to exactly 0, and a fully masked row stays finite.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def check_options(sliding_window, logit_softcap, *, caller: str) -> tuple[int | None, float | None]:
+    """(window, softcap) normalized: None when off, else a Python int w >= 0 / float c > 0.
+
+    ``sliding_window`` None or -1 is off (llm-foundry's ``sliding_window_size=-1``); ``logit_softcap``
+    None is off. Both are compiled into the kernels, so they must be Python numbers, not arrays.
+    """
+    window = None
+    if sliding_window is not None:
+        if isinstance(sliding_window, bool) or not isinstance(sliding_window, numbers.Integral):
+            raise ValueError(f"{caller}: sliding_window={sliding_window!r} must be an int (-1 or None: off)")
+        if sliding_window < -1:
+            raise ValueError(f"{caller}: sliding_window={sliding_window} must be -1 (off) or >= 0")
+        window = None if sliding_window == -1 else int(sliding_window)
+    softcap = None
+    if logit_softcap is not None:
+        if isinstance(logit_softcap, bool) or not isinstance(logit_softcap, numbers.Real):
+            raise ValueError(f"{caller}: logit_softcap={logit_softcap!r} must be a Python number (None: off)")
+        if not (math.isfinite(logit_softcap) and logit_softcap > 0):
+            raise ValueError(f"{caller}: logit_softcap={logit_softcap} must be a finite number > 0 (None: off)")
+        softcap = float(logit_softcap)
+    return window, softcap
 
 
 def attention_bias(
@@ -21,12 +52,15 @@ def attention_bias(
     alibi_slopes: jax.Array | None,
     q_segment_ids: jax.Array | None,
     kv_segment_ids: jax.Array | None,
+    sliding_window: int | None = None,
 ) -> jax.Array:
     """Additive float32 bias of shape [batch or 1, heads or 1, q_len, kv_len].
 
     Queries are aligned to the end of the keys (query i sits at key position i + kv_len - q_len),
     as in MPT with a KV cache. ALiBi is ``-slope * |i - j|`` (for causal attention this equals
-    MPT's ``slope * (j - i)``; row constants do not change the softmax).
+    MPT's ``slope * (j - i)``; row constants do not change the softmax). A sliding window w keeps
+    key j for the query at position i iff ``|i - j| <= w`` (flash-attn's ``window_size=(w, w)``);
+    None is no window.
     """
     q_pos = jnp.arange(q_len, dtype=jnp.int32)[:, None] + (kv_len - q_len)
     kv_pos = jnp.arange(kv_len, dtype=jnp.int32)[None, :]
@@ -37,6 +71,8 @@ def attention_bias(
     allowed = jnp.ones((1, 1, q_len, kv_len), bool)
     if causal:
         allowed = allowed & (kv_pos <= q_pos)[None, None]
+    if sliding_window is not None:
+        allowed = allowed & (jnp.abs(q_pos - kv_pos) <= sliding_window)[None, None]
     if q_segment_ids is not None:
         same = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
         allowed = allowed & same[:, None]
@@ -55,8 +91,13 @@ def attend_xla(
     softmax_scale: float,
     dropout_rate: float = 0.0,
     dropout_rng: jax.Array | None = None,
+    sliding_window: int | None = None,
+    logit_softcap: float | None = None,
 ) -> jax.Array:
-    """q [B, S, H, D], k and v [B, T, Hkv, D] -> [B, S, H, D] in q's dtype."""
+    """q [B, S, H, D], k and v [B, T, Hkv, D] -> [B, S, H, D] in q's dtype.
+
+    ``sliding_window`` and ``logit_softcap`` as checked by ``check_options`` (None: off).
+    """
     batch, q_len, n_heads, head_dim = q.shape
     kv_len, n_kv = k.shape[1], k.shape[2]
     group = n_heads // n_kv
@@ -67,6 +108,7 @@ def attend_xla(
         alibi_slopes=alibi_slopes,
         q_segment_ids=q_segment_ids,
         kv_segment_ids=kv_segment_ids,
+        sliding_window=sliding_window,
     )
     if group == 1:  # MHA: plain [B, H, S, T] scores (XLA's CPU dots are faster without a unit axis)
         q_spec, kv_spec, s_spec = "bshd", "bthd", "bhst"
@@ -74,8 +116,10 @@ def attend_xla(
         q = q.reshape(batch, q_len, n_kv, group, head_dim)
         q_spec, kv_spec, s_spec = "bskgd", "btkd", "bkgst"
         bias = bias[:, :, None] if bias.shape[1] == 1 else bias.reshape(bias.shape[0], n_kv, group, q_len, kv_len)
-    scores = jnp.einsum(f"{q_spec},{kv_spec}->{s_spec}", q, k, preferred_element_type=jnp.float32)
-    probs = jax.nn.softmax(scores * softmax_scale + bias, axis=-1)
+    scores = jnp.einsum(f"{q_spec},{kv_spec}->{s_spec}", q, k, preferred_element_type=jnp.float32) * softmax_scale
+    if logit_softcap is not None:  # before the bias: ALiBi is not capped
+        scores = logit_softcap * jnp.tanh(scores / logit_softcap)
+    probs = jax.nn.softmax(scores + bias, axis=-1)
     if dropout_rate > 0.0:
         if dropout_rng is None:
             raise ValueError("attend: dropout_rate > 0 needs a dropout_rng")

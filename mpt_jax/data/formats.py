@@ -1,4 +1,4 @@
-"""Example formats: raw records -> ``{"tokens", "loss_mask"}`` examples (spec section 3).
+"""Example formats: raw records -> ``{"tokens", "loss_mask"}`` examples.
 
 An *example* is a dict of two equal-length 1-D int32 numpy arrays:
 
@@ -176,6 +176,22 @@ def _validate_messages(record: Any) -> list[dict[str, str]]:
     if out[-1]["role"] != "assistant":
         raise ValueError(f"chat record: the last message must be from the assistant, not {out[-1]['role']!r}")
     return out
+
+
+def check_instruction_record(record: Any) -> None:
+    """ValueError unless ``record`` has string ``prompt`` and ``response`` (what ``instruction_example`` reads)."""
+    _get_str(record, "prompt", "instruction")
+    _get_str(record, "response", "instruction")
+
+
+def check_chat_record(record: Any) -> None:
+    """ValueError unless ``record`` is a valid ``{"messages": [...]}`` (what ``chat_example`` reads)."""
+    _validate_messages(record)
+
+
+# Whole-record checks a source applies when it indexes finetuning data, so a record missing a field
+# is reported with its file and line before training starts.
+RECORD_CHECKS: dict[str, Callable[[Any], None]] = {"instruction": check_instruction_record, "chat": check_chat_record}
 
 
 def _finish(tokens: list[int], mask: list[int], *, max_len: int, overlong: str, stats: FormatStats) -> Example | None:

@@ -12,6 +12,10 @@ batches of 1 (given the same ``num_streams``). Packing is stateful, so it runs a
 (grain's advice): the worker count changes speed, never the batches. The iterator's state
 (``get_state``/``set_state``) resumes exactly, workers included.
 
+Two splits: ``train`` and ``validation`` (eval). Each mixture entry's validation data is its
+``eval_source`` or its source's own held-out split, never what training reads (``open_source``);
+``check_data`` checks all of it against the run before anything starts.
+
 A batch is a dict of [rows, seq_len] arrays: ``tokens`` (int32), ``segment_ids`` (int32, 1.. per
 packed document, 0 = padding), ``positions`` (int32, within each document) and ``loss_mask``
 (int32; 1 where the token is a training target, see formats.py).
@@ -20,6 +24,7 @@ packed document, 0 = padding), ``positions`` (int32, within each document) and `
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from collections.abc import Sequence
@@ -31,24 +36,45 @@ from absl import logging
 
 from mpt_jax.data import formats, sources
 from mpt_jax.data.tokenizer import Tokenizer, load_tokenizer, train_bpe
+from mpt_jax.files import read_json
 
 FEATURES = ("tokens", "segment_ids", "positions", "loss_mask")
 PACKINGS = ("concat", "first_fit")
+FORMATS = ("pretrain", "instruction", "chat", "packed")
 STDLIB_BPE = "stdlib-bpe"
 STDLIB_BPE_VOCAB = 8192
+# The share of a files: or tokenized: source held out as its validation split (by record hash,
+# see sources.held_out) when the source has no eval_source.
+HOLDOUT_FRACTION = 0.01
 
 
 @dataclasses.dataclass(frozen=True)
 class SourceConfig:
-    """One entry of a data mixture."""
+    """One entry of a data mixture.
 
-    source: str  # a sources.make_source spec: "stdlib", "tfds:NAME", "files:GLOB", "tokenized:DIR"
+    ``eval_source`` names this entry's held-out data (any ``make_source`` spec, read whole as the
+    validation split); then ``source`` is trained on whole. Without it, eval reads the source's own
+    validation split: the named one of ``stdlib``/``stdlib-chat``/``tfds:``, or the
+    ``holdout_fraction`` of a ``files:``/``tokenized:`` source that training never sees. A bare
+    path or glob is read as ``files:``, and a ``tokenized:`` source left at the default format
+    ``pretrain`` is read as ``packed``.
+    """
+
+    source: str  # a sources.make_source spec: "stdlib", "stdlib-chat", "tfds:NAME", "files:GLOB", "tokenized:DIR"
     weight: float = 1.0
     format: str = "pretrain"  # "pretrain", "instruction", "chat", or "packed" for tokenized shards
-    text_field: str | None = "text"
+    text_field: str | None = "text"  # pretrain only: finetuning formats read whole records
     template: str = "mpt-7b-instruct"
     system_prompt: str | None = None
-    split: str | None = None  # overrides the pipeline's split (e.g. a different eval file)
+    eval_source: str | None = None
+
+    def __post_init__(self):
+        source = sources.canonical_spec(self.source)
+        object.__setattr__(self, "source", source)
+        if self.eval_source:
+            object.__setattr__(self, "eval_source", sources.canonical_spec(self.eval_source))
+        if self.format == "pretrain" and source.startswith("tokenized:"):
+            object.__setattr__(self, "format", "packed")  # shards are already formatted and packed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +84,7 @@ class DataConfig:
     mixture: tuple[SourceConfig, ...] = (SourceConfig("stdlib"),)
     tokenizer: str = STDLIB_BPE
     data_dir: str | None = None  # default: sources.default_data_dir()
+    holdout_fraction: float = HOLDOUT_FRACTION
     packing: str = "concat"  # "concat" (pretraining) or "first_fit" (finetuning)
     first_fit_bins: int = 16
     overlong: str = "truncate"  # finetuning examples longer than seq_len: "truncate" or "drop"
@@ -69,14 +96,17 @@ class DataConfig:
     # document in consecutive rows, which would otherwise land in the same batch.
     shuffle_rows: int = 512
     txt_mode: str = "file"
+    # Set by from_config when the config named one source (config.data.source): errors then name
+    # config.data.<key>, the key the user set, instead of config.data.mixture[0].<key>.
+    single: bool = dataclasses.field(default=False, compare=False, repr=False)
 
     @classmethod
     def from_config(cls, data: Any) -> DataConfig:
         """From a ConfigDict/dict: either `mixture` (a list of SourceConfig dicts) or a single
-        `source` with its `format`, `weight`, `text_field`, `template`, `system_prompt`."""
+        `source` with its `format`, `weight`, `text_field`, `template`, `system_prompt`, `eval_source`."""
         data = dict(data.to_dict() if hasattr(data, "to_dict") else data)
         source_keys = {f.name for f in dataclasses.fields(SourceConfig)}
-        own_keys = {f.name for f in dataclasses.fields(cls)}
+        own_keys = {f.name for f in dataclasses.fields(cls)} - {"single"}
         single = {k: data.pop(k) for k in list(data) if k in source_keys}
         unknown = sorted(set(data) - own_keys)
         if unknown:
@@ -85,6 +115,10 @@ class DataConfig:
         if mixture and single.get("source"):
             raise ValueError(
                 f"config.data: both source={single['source']!r} and a mixture are set; set source='' to use the mixture"
+            )
+        if mixture and single.get("eval_source"):
+            raise ValueError(
+                "config.data.eval_source is for a single source; with a mixture set each entry's eval_source"
             )
         if mixture:
             entries = []
@@ -96,24 +130,34 @@ class DataConfig:
             data["mixture"] = tuple(entries)
         elif single.get("source"):
             data["mixture"] = (SourceConfig(**single),)
+            data["single"] = True
         cfg = cls(**data)
         cfg.validate()
         return cfg
+
+    def key(self, i: int, name: str) -> str:
+        """The config key of mixture entry ``i``'s field ``name``, as the user spelled it."""
+        return f"config.data.{name}" if self.single else f"config.data.mixture[{i}].{name}"
 
     def validate(self) -> None:
         if not self.mixture:
             raise ValueError("config.data: the mixture is empty")
         for i, s in enumerate(self.mixture):
             if s.weight <= 0:
-                raise ValueError(f"config.data.mixture[{i}].weight={s.weight}: must be positive")
-            if s.format not in ("pretrain", "instruction", "chat", "packed"):
-                raise ValueError(
-                    f"config.data.mixture[{i}].format={s.format!r}: expected pretrain, instruction, chat or packed"
-                )
-            if (s.format == "packed") != s.source.startswith("tokenized:"):
-                raise ValueError(
-                    f"config.data.mixture[{i}]: format 'packed' goes with (and only with) tokenized: sources"
-                )
+                raise ValueError(f"{self.key(i, 'weight')}={s.weight}: must be positive")
+            if s.format not in FORMATS:
+                raise ValueError(f"{self.key(i, 'format')}={s.format!r}: expected one of {FORMATS}")
+            for name in ("source", "eval_source"):
+                spec = getattr(s, name)
+                if spec and (s.format == "packed") != spec.startswith("tokenized:"):
+                    raise ValueError(
+                        f"{self.key(i, name)}={spec!r} with {self.key(i, 'format')}={s.format!r}: tokenized: shards "
+                        f"are already formatted (format 'packed'), and only they are"
+                    )
+        try:
+            sources.holdout_per_mille(self.holdout_fraction)
+        except ValueError as e:
+            raise ValueError(f"config.data.{e}") from None
         if self.packing not in PACKINGS:
             raise ValueError(f"config.data.packing={self.packing!r}: expected one of {PACKINGS}")
         if self.num_streams < 0 or self.num_workers < 0 or self.shuffle_rows < 0:
@@ -126,8 +170,10 @@ def default_config():
 
     c = ml_collections.ConfigDict()
     c.source = "stdlib"
+    c.eval_source = ml_collections.config_dict.placeholder(str)  # None: the source's own validation split
+    c.holdout_fraction = HOLDOUT_FRACTION
     c.format = "pretrain"
-    c.text_field = "text"  # None for instruction/chat records
+    c.text_field = "text"  # pretrain only; instruction/chat read whole records
     c.template = "mpt-7b-instruct"
     c.system_prompt = ml_collections.config_dict.placeholder(str)
     c.tokenizer = STDLIB_BPE
@@ -145,17 +191,21 @@ def default_config():
 # Tokenizer.
 
 
-def get_tokenizer(cfg: DataConfig) -> Tokenizer:
+def get_tokenizer(cfg: DataConfig, *, train: bool = True) -> Tokenizer:
     """The configured tokenizer; ChatML tokens added when a chat source is in the mixture.
 
     "stdlib-bpe" is a byte-level BPE trained once on the embedded corpus's train split and cached
-    in the data directory.
+    in the data directory; with ``train=False`` (convert: the run's own tokenizer or none) a missing
+    cache is a FileNotFoundError instead.
     """
     if cfg.tokenizer == STDLIB_BPE:
         data_dir = cfg.data_dir or sources.default_data_dir()
         path = os.path.join(data_dir, f"python_stdlib_bpe{STDLIB_BPE_VOCAB}.json")
         if os.path.isfile(path):
             tok = load_tokenizer(path)
+            tok.name = STDLIB_BPE  # the same name whether just trained or read back
+        elif not train:
+            raise FileNotFoundError(f"tokenizer {STDLIB_BPE}: no {path} (a training run trains and caches it there)")
         else:
             corpus = sources.make_source("stdlib", split="train", data_dir=data_dir)
             logging.info("training a %d-token BPE on the embedded corpus (%d documents)", STDLIB_BPE_VOCAB, len(corpus))
@@ -164,19 +214,108 @@ def get_tokenizer(cfg: DataConfig) -> Tokenizer:
             tok.save(path)
     else:
         tok = load_tokenizer(cfg.tokenizer)
-    if any(s.format == "chat" for s in cfg.mixture):
+    if any(s.format == "chat" or _prepared_format(s) == "chat" for s in cfg.mixture):
         tok = tok.with_chatml()
     return tok
+
+
+def _prepared_format(s: SourceConfig) -> str | None:
+    """The example format a tokenized: source was prepared from (its manifest's), else None."""
+    if s.format != "packed":
+        return None
+    path = os.path.join(os.path.expanduser(s.source.partition(":")[2]), "manifest.json")
+    return read_json(path, what="tokenized manifest").get("example_format") if os.path.isfile(path) else None
+
+
+# ----------------------------------------------------------------------------------------------
+# Which data each split reads, and the checks made before a run starts.
+
+
+def open_source(cfg: DataConfig, i: int, split: str) -> tuple[Any, str]:
+    """(source, its spec) of mixture entry ``i`` for ``split`` ("train" or "validation").
+
+    With an ``eval_source``, validation reads it whole and train reads ``source`` whole; without,
+    both read ``source``'s own splits (``holdout_fraction`` for files and tokenized shards). A TFDS
+    spec that pins its split has no held-out data of its own: asking it for validation is an error.
+    """
+    s = cfg.mixture[i]
+    kw = dict(
+        data_dir=cfg.data_dir,
+        text_field=s.text_field if s.format == "pretrain" else None,
+        skip_bad_records=cfg.skip_bad_records,
+        txt_mode=cfg.txt_mode,
+        record_check=formats.RECORD_CHECKS.get(s.format),
+    )
+    if split == "validation" and s.eval_source:
+        return sources.make_source(s.eval_source, split=split, holdout_fraction=1.0, **kw), s.eval_source
+    if split == "validation" and (pinned := sources.pinned_split(s.source)):
+        raise ValueError(
+            f"{cfg.key(i, 'source')}={s.source!r} pins the TFDS split {pinned!r}, so there is no held-out split to "
+            f"evaluate on: set {cfg.key(i, 'eval_source')} (e.g. a validation split, or a slice such as "
+            f"'...:train[99%:]' with the source '...:train[:99%]'), or config.train.eval_every=0"
+        )
+    holdout = 0.0 if s.eval_source else cfg.holdout_fraction
+    return sources.make_source(s.source, split=split, holdout_fraction=holdout, **kw), s.source
 
 
 def check_data(cfg: DataConfig, tok: Tokenizer, *, seq_len: int, vocab_size: int, need_eval: bool) -> None:
     """Checks the data against the run before anything is written or compiled; ValueError names both values.
 
-    ``vocab_size`` is the model's embedding rows; ``need_eval`` says the run will report eval_loss.
+    ``vocab_size`` is the model's embedding rows; ``need_eval`` says the run will report eval_loss,
+    which then must come from held-out data. Opens every source (indexing local files, which reports
+    bad records with file and line) and checks tokenized shards' manifests against the run.
     """
     if tok.vocab_size > vocab_size:
         raise ValueError(
             f"config.model.vocab_size={vocab_size} is smaller than the tokenizer's {tok.vocab_size} ids ({cfg.tokenizer})"
+        )
+    for i in range(len(cfg.mixture)):
+        for split in ("train", "validation") if need_eval else ("train",):
+            src, _ = open_source(cfg, i, split)
+            if len(src) == 0:
+                raise ValueError(_empty_message(cfg, i, split, src))
+            if isinstance(src, sources.TokenizedSource):
+                where = cfg.key(i, "eval_source" if split == "validation" and cfg.mixture[i].eval_source else "source")
+                check_manifest(src, tok, seq_len=seq_len, vocab_size=vocab_size, where=where)
+
+
+def _empty_message(cfg: DataConfig, i: int, split: str, src: Any) -> str:
+    s = cfg.mixture[i]
+    if split == "train":
+        return f"{cfg.key(i, 'source')}={s.source!r} has no training records"
+    if s.eval_source:
+        return f"{cfg.key(i, 'eval_source')}={s.eval_source!r} has no records"
+    total = getattr(src, "num_all", None)
+    return (
+        f"{cfg.key(i, 'source')}={s.source!r} has no held-out records to evaluate on (none of its "
+        f"{total} records at config.data.holdout_fraction={cfg.holdout_fraction}): raise "
+        f"config.data.holdout_fraction, set {cfg.key(i, 'eval_source')}, or set config.train.eval_every=0"
+    )
+
+
+def check_manifest(src: sources.TokenizedSource, tok: Tokenizer, *, seq_len: int, vocab_size: int, where: str) -> None:
+    """A tokenized source's manifest against the run: its seq_len, its tokenizer and its largest id."""
+    m, path = src.manifest, src.manifest_path
+    if m.get("seq_len") != seq_len:
+        raise ValueError(
+            f"{where}: {path} has seq_len={m.get('seq_len')}, but the run's sequence length (config.train.seq_len, "
+            f"or model.max_seq_len) is {seq_len}; prepare the shards again with --seq_len={seq_len}"
+        )
+    theirs = m.get("tokenizer_fingerprint")
+    same = theirs == tok.fingerprint if theirs else m.get("tokenizer") == tok.name
+    if not same:
+        raise ValueError(
+            f"{where}: {path} was tokenized with tokenizer={m.get('tokenizer')!r} "
+            f"(fingerprint {theirs}), but the run's config.data.tokenizer is {tok.name!r} "
+            f"(fingerprint {tok.fingerprint})"
+        )
+    largest = m.get("max_token_id", m["vocab_size"] - 1 if "vocab_size" in m else None)
+    if largest is None:
+        raise ValueError(f"{where}: {path} records neither max_token_id nor vocab_size; prepare the shards again")
+    if largest >= vocab_size:
+        raise ValueError(
+            f"{where}: {path} holds token ids up to {largest}, but config.model.vocab_size={vocab_size} "
+            f"embedding rows hold ids below {vocab_size}"
         )
 
 
@@ -186,25 +325,18 @@ def check_data(cfg: DataConfig, tok: Tokenizer, *, seq_len: int, vocab_size: int
 
 def _records(
     cfg: DataConfig, split: str, seed: int, shuffle: bool, repeat: bool
-) -> list[tuple[grain.MapDataset, SourceConfig]]:
+) -> list[tuple[grain.MapDataset, SourceConfig, str]]:
     out = []
     for i, s in enumerate(cfg.mixture):
-        src = sources.make_source(
-            s.source,
-            split=s.split or split,
-            data_dir=cfg.data_dir,
-            text_field=s.text_field,
-            skip_bad_records=cfg.skip_bad_records,
-            txt_mode=cfg.txt_mode,
-        )
+        src, spec = open_source(cfg, i, split)
         if len(src) == 0:
-            raise ValueError(f"config.data.mixture[{i}]: source {s.source!r} (split {s.split or split}) has no records")
+            raise ValueError(_empty_message(cfg, i, split, src))
         ds = grain.MapDataset.source(src)
         if shuffle:
             ds = ds.shuffle(seed=seed + 1009 * i)  # a new permutation each epoch
         if repeat:
             ds = ds.repeat(None)
-        out.append((ds, s))
+        out.append((ds, s, spec))
     return out
 
 
@@ -212,11 +344,24 @@ class _Format:
     """Picklable per-source map: record -> (example or None, the FormatStats of this record).
 
     Stats travel with each record because formatting may run in worker processes; the main
-    process adds them up (``_Collect``).
+    process adds them up (``_Collect``). With ``vocab_size``, a token id outside the model's
+    embedding rows is an error naming the source (gathering such a row yields NaN logits).
     """
 
-    def __init__(self, source: SourceConfig, tok: Tokenizer, seq_len: int, overlong: str, packing: str):
+    def __init__(
+        self,
+        source: SourceConfig,
+        tok: Tokenizer,
+        seq_len: int,
+        overlong: str,
+        packing: str,
+        *,
+        spec: str,
+        vocab_size: int | None = None,
+    ):
         self.packed = source.format == "packed"
+        self.spec = spec
+        self.vocab_size = vocab_size
         # Pretraining documents may be longer than a row: concat packing wraps them across rows,
         # first-fit packing cannot, so they are truncated or dropped like finetuning examples.
         self.limit = seq_len if packing == "first_fit" and source.format == "pretrain" else None
@@ -233,7 +378,9 @@ class _Format:
 
     def __call__(self, record: dict) -> tuple[dict | None, formats.FormatStats]:
         if self.packed:
-            return {k: np.asarray(record[k], np.int32) for k in FEATURES}, formats.FormatStats(examples=1)
+            example = {k: np.asarray(record[k], np.int32) for k in FEATURES}
+            self._check_ids(example["tokens"])
+            return example, formats.FormatStats(examples=1)
         stats = self.fn.stats = formats.FormatStats()
         example = self.fn(record)
         if example is not None and self.limit is not None and len(example["tokens"]) > self.limit:
@@ -243,7 +390,20 @@ class _Format:
                 return None, stats
             stats.truncated += 1
             example = {k: v[: self.limit] for k, v in example.items()}
+        if example is not None:
+            self._check_ids(example["tokens"])
         return example, stats
+
+    def _check_ids(self, tokens: np.ndarray) -> None:
+        if self.vocab_size is None or not len(tokens):
+            return
+        low, high = int(tokens.min()), int(tokens.max())
+        if low < 0 or high >= self.vocab_size:
+            raise ValueError(
+                f"data source {self.spec!r}: token id {high if high >= self.vocab_size else low} is outside "
+                f"config.model.vocab_size={self.vocab_size} (ids 0..{self.vocab_size - 1}); was it tokenized with "
+                f"another tokenizer?"
+            )
 
 
 class _Collect:
@@ -261,13 +421,21 @@ def _example(item: tuple[dict | None, formats.FormatStats]) -> dict:
     return item[0]
 
 
-def _rename(packed: dict) -> dict:
-    """grain's packers name their outputs tokens_segment_ids etc.; keep one of each."""
+def _rename(packed: dict, *, first_fit: bool = False) -> dict:
+    """grain's packers name their outputs tokens_segment_ids etc.; keep one of each.
+
+    First-fit rows hold whole examples: an example's first token is no target (alone, nothing
+    precedes it), so with segment ids each example's loss is exactly its loss alone.
+    """
+    segments, positions = packed["tokens_segment_ids"], packed["tokens_positions"]
+    mask = packed["loss_mask"] * (segments > 0)
+    if first_fit:
+        mask = mask * (positions > 0)
     return {
         "tokens": packed["tokens"].astype(np.int32),
-        "segment_ids": packed["tokens_segment_ids"].astype(np.int32),
-        "positions": packed["tokens_positions"].astype(np.int32),
-        "loss_mask": (packed["loss_mask"] * (packed["tokens_segment_ids"] > 0)).astype(np.int32),
+        "segment_ids": segments.astype(np.int32),
+        "positions": positions.astype(np.int32),
+        "loss_mask": mask.astype(np.int32),
     }
 
 
@@ -287,18 +455,20 @@ def packed_rows(
     shuffle: bool | None = None,
     repeat: bool = True,
     stats: formats.FormatStats | None = None,
+    vocab_size: int | None = None,
 ) -> grain.IterDataset:
     """One stream of packed [seq_len] rows (dicts of FEATURES); counts into ``stats``.
 
     Each source is formatted and packed on its own and the mixture picks whole rows by weight, as
     MPT's pretraining did ("each example was constructed from as many sequences from that dataset
-    as were necessary to fill the sequence length"): a row never mixes sources.
+    as were necessary to fill the sequence length"): a row never mixes sources. ``vocab_size``:
+    see ``_Format``.
     """
     shuffle = cfg.shuffle if shuffle is None else shuffle
     stats = stats if stats is not None else formats.FormatStats()
     rows = []
-    for ds, source in _records(cfg, split, seed, shuffle, repeat):
-        ds = ds.map(_Format(source, tok, seq_len, cfg.overlong, cfg.packing))
+    for ds, source, spec in _records(cfg, split, seed, shuffle, repeat):
+        ds = ds.map(_Format(source, tok, seq_len, cfg.overlong, cfg.packing, spec=spec, vocab_size=vocab_size))
         if num_streams > 1:
             ds = ds[stream::num_streams]
         it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
@@ -323,7 +493,7 @@ def _pack(examples: grain.IterDataset, cfg: DataConfig, seq_len: int, seed: int)
         packed = grain.experimental.FirstFitPackIterDataset(
             examples, length_struct=lengths, num_packing_bins=cfg.first_fit_bins, seed=seed, shuffle_bins=False
         )
-    return packed.map(_rename)
+    return packed.map(functools.partial(_rename, first_fit=cfg.packing == "first_fit"))
 
 
 def stream_layout(global_batch: int, num_streams: int, process_index: int, process_count: int) -> tuple[range, int]:
@@ -352,11 +522,13 @@ def make_dataset(
     repeat: bool = True,
     shuffle: bool | None = None,
     stats: formats.FormatStats | None = None,
+    vocab_size: int | None = None,
 ) -> grain.IterDataset:
     """This process's batches: dicts of [global_batch / process_count, seq_len] int32 arrays,
     stream blocks in stream order.
 
-    ``stats`` (if given) counts examples, truncations and drops as batches are drawn."""
+    ``stats`` (if given) counts examples, truncations and drops as batches are drawn; with
+    ``vocab_size`` (the model's embedding rows), a token id outside it is an error naming the source."""
     streams, rows = stream_layout(global_batch, cfg.num_streams, process_index, process_count)
     num_streams = cfg.num_streams or process_count
     return Batches(
@@ -372,6 +544,7 @@ def make_dataset(
                 shuffle=shuffle,
                 repeat=repeat,
                 stats=stats,
+                vocab_size=vocab_size,
             ).batch(rows, drop_remainder=True)
             for s in streams
         }

@@ -9,6 +9,8 @@ formats, as llm-foundry's ``concat_tokens`` does.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from collections.abc import Iterable, Sequence
 
@@ -43,6 +45,14 @@ class Tokenizer:
     def vocab_size(self) -> int:
         """Number of ids the tokenizer can produce (added tokens included)."""
         return self.tk.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def fingerprint(self) -> str:
+        """A short hash of the base vocabulary (token -> id, added tokens such as ChatML left out):
+        equal for the same tokenizer however it is named or found, so tokenized data can be
+        matched to the run that reads it."""
+        vocab = sorted(self.tk.get_vocab(with_added_tokens=False).items(), key=lambda kv: kv[1])
+        return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode("utf-8")).hexdigest()[:16]
 
     def encode(self, text: str) -> list[int]:
         return self.tk.encode(text, add_special_tokens=False).ids
