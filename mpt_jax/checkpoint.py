@@ -1,7 +1,7 @@
 """mpt-jax model checkpoints: the params as orbax arrays, plus the model config as JSON.
 
 Layout of a model checkpoint folder (written by ``convert hf_to_jax``, read by training's
-``init_from`` and by generation):
+``init_from`` and ``convert jax_to_hf``):
 
     DIR/config.json            {"format": "mpt-jax-model", "version": 1, "model": {MPTConfig fields}}
     DIR/params/<a.b.c>/        one orbax PyTree checkpoint per param, e.g. params/blocks.attn.Wqkv.kernel
@@ -499,7 +499,7 @@ def load_params_any(
 ) -> tuple[MPTConfig, dict[str, Any]]:
     """(cfg, params) from a training workdir (its newest checkpoint, or the one at ``step``), an
     mpt-jax model checkpoint, or an HF folder / hub id: whatever a user points ``init_from`` or
-    generation at. ``step`` with anything but a workdir is a ValueError."""
+    ``convert jax_to_hf`` at. ``step`` with anything but a workdir is a ValueError."""
     kind, where = resolve_source(path)
     if step is not None and kind != "workdir":
         raise ValueError(

@@ -272,13 +272,54 @@ def resolve_hf_path(path_or_hub_id: str | os.PathLike) -> str:
         raise FileNotFoundError(f"no such folder: {path} (not a folder, and not a hub id of the form 'owner/name')")
     from huggingface_hub import list_repo_files, snapshot_download
 
+    unreachable = _hub_unreachable()
+    if unreachable:  # the hub client would retry for half a minute: use its cache or stop at once
+        try:
+            return snapshot_download(
+                path, allow_patterns=_hub_patterns(("*.safetensors", "*.bin")), local_files_only=True
+            )
+        except Exception:  # noqa: BLE001 - not cached, in whatever way the client says it
+            raise FileNotFoundError(
+                f"no such folder: {path}; as a hub id it is not in the local cache and the hub cannot be reached "
+                f"({unreachable})"
+            ) from None
     try:
         files = list_repo_files(path)
     except Exception as e:
         raise FileNotFoundError(f"{path}: not a local folder, and the hub could not list it ({e})") from e
-    weights = ["*.safetensors", SAFE_INDEX] if any(f.endswith(".safetensors") for f in files) else ["*.bin", BIN_INDEX]
-    patterns = ["config.json", "generation_config.json", "tokenizer*", "special_tokens_map.json", *weights]
-    return snapshot_download(path, allow_patterns=patterns)
+    weights = ("*.safetensors",) if any(f.endswith(".safetensors") for f in files) else ("*.bin",)
+    return snapshot_download(path, allow_patterns=_hub_patterns(weights))
+
+
+def _hub_patterns(weights: tuple[str, ...]) -> list[str]:
+    """The files of a hub repo we need: config, tokenizer and one weight format with its index."""
+    index = {"*.safetensors": SAFE_INDEX, "*.bin": BIN_INDEX}
+    return [
+        "config.json",
+        "generation_config.json",
+        "tokenizer*",
+        "special_tokens_map.json",
+        *weights,
+        *(index[w] for w in weights),
+    ]
+
+
+def _hub_unreachable() -> str | None:
+    """Why the hub cannot be used now (offline mode, or no connection to its host), else None: one
+    quick check instead of the hub client's retries."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=5).close()
+    except OSError as e:
+        return f"{url.hostname} is unreachable: {e}"
+    return None
 
 
 def open_hf(path_or_hub_id: str | os.PathLike) -> tuple[MPTConfig, CheckpointReader]:

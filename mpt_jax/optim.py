@@ -3,7 +3,7 @@
 llm-foundry trains MPT with Composer's ``DecoupledAdamW`` (or its own ``DecoupledLionW``), a
 Composer scheduler (``cosine_with_warmup``, ``linear_decay_with_warmup``, ...) and torch-style
 global-norm gradient clipping. optax has close relatives, but some details differ in ways that
-change training (spec section 2.2, pitfalls 11 and 12), so the update rules are written out here
+change training (the two below, and the cosine span in ``make_schedule``), so the update rules are written out here
 rather than assembled from optax pieces:
 
 - weight decay is *decoupled from the learning rate*: ``p *= 1 - (lr_t / lr) * weight_decay``,

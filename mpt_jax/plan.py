@@ -278,7 +278,7 @@ def estimate(
     )
     activations = act["act_saved"] + max(act["act_layer"], act["act_head"])
     # jit drops batch arrays the step does not read: tokens and loss_mask are always read.
-    used = 2 + int(cfg.attn_uses_sequence_id) + int(cfg.uses_learned_pos_emb)
+    used = 2 + int(cfg.attn_uses_sequence_id) + int(cfg.uses_positions)
     batch_rows = -(-int(config.train.global_batch_size) // (shape[0] * shape[1]))
     batch = used * 4 * batch_rows * length + 4 + 8  # int32 arrays, the step counter, the rng key
     out = {

@@ -12,6 +12,7 @@ import torch
 from hf_utils import random_hf_model, safetensors_dict, write_bin_checkpoint
 from transformers import MptForCausalLM
 
+import mpt_jax.hf
 from mpt_jax import MPTConfig
 from mpt_jax import convert as convert_cli
 from mpt_jax.checkpoint import load_model
@@ -430,6 +431,7 @@ def test_hub_id_downloads_one_weight_format(tmp_path, monkeypatch):
         return folder
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
+    monkeypatch.setattr(mpt_jax.hf, "_hub_unreachable", lambda: None)  # a hub that answers
     monkeypatch.setattr(huggingface_hub, "list_repo_files", lambda repo: ["config.json", "model.safetensors"])
     cfg, _ = load_hf("someone/mpt-tiny")
     assert cfg.d_model == SMALL["d_model"]
@@ -444,3 +446,31 @@ def test_hub_id_downloads_one_weight_format(tmp_path, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "list_repo_files", offline)
     with pytest.raises(FileNotFoundError, match="mosaicml/mpt-7b: not a local folder, and the hub could not list it"):
         load_hf("mosaicml/mpt-7b")
+
+
+def test_unreachable_hub_fails_at_once_or_uses_the_cache(tmp_path, monkeypatch):
+    """Without a connection, a hub-shaped path that is not a local folder (workdirs/tiny before
+    workdirs/ exists) is an error within seconds, not the hub client's half minute of retries; a
+    model in the local hub cache still loads."""
+    import socket
+    import time
+
+    import huggingface_hub
+
+    def no_route(*args, **kwargs):
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr(socket, "create_connection", no_route)
+    monkeypatch.chdir(tmp_path)
+    start = time.perf_counter()
+    with pytest.raises(FileNotFoundError, match=r"no such folder: workdirs/tiny; .* hub cannot be reached"):
+        load_hf("workdirs/tiny")
+    assert time.perf_counter() - start < 5
+    folder = _hf_folder(tmp_path)
+
+    def cached(repo_id, allow_patterns, local_files_only):
+        assert local_files_only
+        return folder
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", cached)
+    assert load_hf("someone/cached-mpt")[0].d_model == SMALL["d_model"]

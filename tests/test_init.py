@@ -1,4 +1,4 @@
-"""llm-foundry's initialisation (spec section 2.1), parameter counts of the released shapes, and MPTConfig.validate.
+"""llm-foundry's initialisation (``param_init_fns.py``), parameter counts of the released shapes, and MPTConfig.validate.
 
 init_params is called with rbg keys: the init rules are the same for any key, and XLA compiles
 RngBitGenerator in half the time of threefry (compiling a model's init costs seconds on a CPU).
@@ -168,7 +168,7 @@ def test_other_init_names(init, residual_div):
 
 
 def test_fused_qkv_fan_out_is_per_head():
-    """llm-foundry initialises the fused Wqkv one head_dim slice at a time (spec 2.1), so fan_out-dependent
+    """llm-foundry initialises the fused Wqkv one head_dim slice at a time (its ``_fused`` splits), so fan_out-dependent
     rules see fan_out = head_dim: xavier_normal_ std is gain * sqrt(2 / (d + head_dim))."""
     cfg = MPTConfig(**SHAPE, init_name="xavier_normal_", init_gain=1.0).validate()
     params = init_params(cfg, rbg(5))
@@ -234,6 +234,18 @@ def test_count_params_formula_small():
         (dict(init_name="xavier_uniform_"), "init_gain"),
         (dict(init_name="baseline_"), "init_std"),
         (dict(n_layers=0), "n_layers"),
+        (dict(ffn_hidden_size=72.5), "ffn_hidden_size"),  # not an integer
+        (dict(clip_qkv="6"), "clip_qkv"),  # a string where a number belongs
+        (dict(n_heads=True), "n_heads"),
+        (dict(qk_ln=True, qk_gn=True), "qk_gn"),
+        (dict(sliding_window_size=-2), "sliding_window_size"),
+        (dict(attn_logit_softcapping=0.0), "attn_logit_softcapping"),
+        (dict(final_logit_softcapping=-1.0), "final_logit_softcapping"),
+        (dict(norm_type="triton_layernorm"), "norm_type"),
+        (dict(ffn_act_fn="hardtanh"), "ffn_act_fn"),
+        (dict(rope=True, rope_impl="flash"), "rope_impl"),
+        (dict(rope=True, rope_impl="hf", rope_hf_type="llama3", rope_hf_factor=8.0), "rope_hf_low_freq_factor"),
+        (dict(d_model=96, n_heads=32, rope=True, alibi=False), "rope"),  # odd head_dim 3
     ],
 )
 def test_validate_names_the_field(changes, field):

@@ -1,4 +1,4 @@
-"""The whole MPT forward against a float64 numpy reference written from the spec (section 1), plus the model's
+"""The whole MPT forward against a float64 numpy reference written from llm-foundry's definitions, plus the model's
 structural properties: GQA/MQA as MHA with repeated kv heads, causality, packing, ALiBi extrapolation,
 embedding_fraction, dropout, remat and bfloat16 compute.
 

@@ -1,6 +1,6 @@
 """mpt_jax.optim against plain float64 transcriptions of Composer / llm-foundry's update rules.
 
-The references below are written from the rules (spec 2.2), not from optim.py: DecoupledAdamW,
+The references below are written from the rules (Composer's and llm-foundry's code), not from optim.py: DecoupledAdamW,
 torch AdamW, DecoupledLionW, Composer's schedulers and torch's clip_grad_norm_.
 """
 
@@ -263,7 +263,9 @@ def test_schedule_landmarks():
     assert float(cos(0)) == 0.0
     assert float(cos(50)) == pytest.approx(0.5)
     assert float(cos(100)) == pytest.approx(1.0)
-    assert float(cos(600)) == pytest.approx(0.55)  # half way through the decay span (pitfall 12)
+    assert float(cos(600)) == pytest.approx(
+        0.55
+    )  # half way through the decay span (t_max - t_warmup, as Composer's code)
     assert float(cos(1100)) == pytest.approx(0.1)
     assert float(cos(5000)) == pytest.approx(0.1)
     lin = optim.make_schedule({"name": "linear_decay_with_warmup", "t_warmup": 50}, lr=1.0, max_steps=150)
