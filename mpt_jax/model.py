@@ -61,8 +61,23 @@ def softcap(x: jax.Array, cap: float | None) -> jax.Array:
     return x if cap is None else cap * jnp.tanh(x / cap)
 
 
+# Weight-only int8 (mpt_jax/quantize.py): an int8 "kernel" / "embedding" comes with a float scale
+# per output channel (per row of a table) under this suffix; the matmul dequantizes as it goes.
+SCALE_SUFFIX = "_scale"
+
+
+def _scale_of(module: nn.Module, name: str) -> jax.Array | None:
+    """The int8 scale stored beside param ``name``, or None for a float param."""
+    key = name + SCALE_SUFFIX
+    return module.get_variable("params", key) if module.has_variable("params", key) else None
+
+
 class Linear(nn.Module):
-    """y = x @ kernel (+ bias), contracting the last ``n_in`` axes of x; kernel is (in..., out...)."""
+    """y = x @ kernel (+ bias), contracting the last ``n_in`` axes of x; kernel is (in..., out...).
+
+    An int8 kernel (with its per-output scales) is converted to the compute dtype inside the matmul
+    and the product scaled: ``(x @ q) * scale`` equals ``x @ (q * scale)`` exactly in real numbers.
+    """
 
     cfg: MPTConfig
     features: tuple[int, ...]
@@ -85,6 +100,9 @@ class Linear(nn.Module):
         y = (x.astype(dtype).reshape(-1, n_in) @ kernel.astype(dtype).reshape(n_in, n_out)).reshape(
             *x.shape[: x.ndim - self.n_in], *self.features
         )
+        scale = _scale_of(self, "kernel")
+        if scale is not None:
+            y = y * scale.astype(dtype)
         if self.bias:
             bias = _param(self, "bias", nn.initializers.zeros, self.features, self.axes[self.n_in :])
             y = y + bias.astype(dtype)
@@ -131,13 +149,17 @@ class Embedding(nn.Module):
         self.embedding = _param(self, "embedding", embedding_init(self.cfg), (self.rows, self.cfg.d_model), self.axes)
 
     def __call__(self, ids: jax.Array) -> jax.Array:
-        return jnp.take(self.embedding, ids, axis=0).astype(self.cfg.dtype)
+        rows = jnp.take(self.embedding, ids, axis=0).astype(self.cfg.dtype)
+        scale = _scale_of(self, "embedding")
+        return rows if scale is None else rows * jnp.take(scale, ids, axis=0)[..., None].astype(self.cfg.dtype)
 
     def attend(self, h: jax.Array) -> jax.Array:
         dtype = jnp.dtype(self.cfg.dtype)
-        return jnp.einsum(
+        logits = jnp.einsum(
             "btd,vd->btv", h.astype(dtype), self.embedding.astype(dtype), preferred_element_type=jnp.float32
         )
+        scale = _scale_of(self, "embedding")
+        return logits if scale is None else logits * scale.astype(jnp.float32)
 
 
 class Attention(nn.Module):
@@ -153,7 +175,19 @@ class Attention(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x: jax.Array, segment_ids: jax.Array | None, positions: jax.Array | None) -> jax.Array:
+    def __call__(
+        self,
+        x: jax.Array,
+        segment_ids: jax.Array | None,
+        positions: jax.Array | None,
+        cache: Cache | None = None,
+        cache_positions: jax.Array | None = None,
+        prefill: bool = False,
+    ) -> tuple[jax.Array, Cache | None]:
+        """(output, updated cache). Without a cache: self-attention over x. With one (this layer's
+        k, v [B, T, Hkv, hd]) the new keys and values are written at ``cache_positions`` [B]
+        onwards; ``prefill`` attends among the new tokens only (they start their rows), otherwise
+        the new queries attend to the whole cache, each row up to its own position."""
         cfg = self.cfg
         n_heads, n_kv, head_dim = cfg.n_heads, cfg.num_kv_heads, cfg.head_dim
 
@@ -183,20 +217,36 @@ class Attention(nn.Module):
 
         length = x.shape[1]
         row_positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), x.shape[:2])
+        total: int | jax.Array = length  # the length the forward covers, cached keys included
+        if cache is not None:
+            row_positions = row_positions + cache_positions[:, None].astype(jnp.int32)
+            total = cache_positions.astype(jnp.int32) + length
+            positions = row_positions if positions is None else positions
         if cfg.uses_temperature_tuning:  # Llama 4's attention temperature, by position in the document
             pos = (row_positions if positions is None else positions).astype(jnp.float32)
             floor = jnp.floor((pos + 1.0) / cfg.attn_temperature_floor_scale)
             temperature = jnp.log(floor + 1.0) * cfg.attn_temperature_attn_scale + 1.0
             q = (q.astype(jnp.float32) * temperature[:, :, None, None]).astype(q.dtype)
         if cfg.rope:  # by position in the row, not restarted for packed documents
-            q, k = apply_rope(q, k, row_positions, cfg, seq_len=length)
+            q, k = apply_rope(q, k, row_positions, cfg, seq_len=total)
 
+        q_positions = None
+        if cache is not None:
+            new_cache = {
+                name: nn.with_logical_constraint(write_cache(cache[name], t, cache_positions), CACHE_AXES[1:])
+                for name, t in (("k", k), ("v", v))
+            }
+            if not prefill:  # attend to everything this row holds, up to each query's position
+                k, v, q_positions = new_cache["k"], new_cache["v"], row_positions
+        else:
+            new_cache = None
         slopes = jnp.asarray(alibi_slopes(n_heads, cfg.alibi_bias_max)) if cfg.alibi else None
         use_dropout = cfg.attn_pdrop > 0.0 and not self.deterministic
         out = attend(
             q,
             k,
             v,
+            q_positions=q_positions,
             causal=True,
             alibi_slopes=slopes,
             segment_ids=segment_ids,
@@ -208,7 +258,8 @@ class Attention(nn.Module):
             impl=cfg.attn_impl,
         )
         out_axes = ("heads", "head_dim", "embed")
-        return Linear(cfg, (cfg.d_model,), out_axes, n_in=2, bias=not cfg.no_bias, residual=True, name="out_proj")(out)
+        out = Linear(cfg, (cfg.d_model,), out_axes, n_in=2, bias=not cfg.no_bias, residual=True, name="out_proj")(out)
+        return out, new_cache
 
 
 class FeedForward(nn.Module):
@@ -230,23 +281,32 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LN transformer block; the scan body (carry: the residual stream)."""
+    """Pre-LN transformer block; the scan body (carry: the residual stream; scanned: the layer's cache)."""
 
     cfg: MPTConfig
     deterministic: bool = True
 
+    prefill: bool = False
+
     @nn.compact
     def __call__(
-        self, x: jax.Array, segment_ids: jax.Array | None, positions: jax.Array | None
-    ) -> tuple[jax.Array, None]:
+        self,
+        x: jax.Array,
+        segment_ids: jax.Array | None,
+        positions: jax.Array | None,
+        cache: Cache | None,
+        cache_positions: jax.Array | None,
+    ) -> tuple[jax.Array, Cache | None]:
         cfg = self.cfg
         dropout = nn.Dropout(cfg.resid_pdrop, deterministic=self.deterministic)
         norm = (cfg.d_model,), ("embed",)
         h = Norm(cfg, *norm, name="norm_1")(x)
-        x = x + dropout(Attention(cfg, self.deterministic, name="attn")(h, segment_ids, positions))
+        attn = Attention(cfg, self.deterministic, name="attn")
+        h, cache = attn(h, segment_ids, positions, cache, cache_positions, self.prefill)
+        x = x + dropout(h)
         h = Norm(cfg, *norm, name="norm_2")(x)
         x = x + dropout(FeedForward(cfg, name="ffn")(h))
-        return nn.with_logical_constraint(x, (BATCH, LENGTH, EMBED_ACT)), None
+        return nn.with_logical_constraint(x, (BATCH, LENGTH, EMBED_ACT)), cache
 
 
 class MPT(nn.Module):
@@ -256,6 +316,15 @@ class MPT(nn.Module):
     document; ``positions`` (positions within each document) feed the learned position embedding
     and the attention temperature, and default to 0..length-1 (RoPE always uses the row index, as
     llm-foundry does). ``deterministic=False`` turns dropout on and needs a 'dropout' rng.
+
+    Decoding: with ``cache`` (``init_cache``: k and v [layers, batch, cache_len, kv_heads,
+    head_dim]) and ``cache_positions`` [batch] (how many tokens each row already holds), the
+    tokens are written to the cache from that position on and ``(logits, cache)`` is returned.
+    Each row is independent (rows are slots that can hold different requests). ``prefill=True``
+    means the tokens start their rows: they attend among themselves with the training attention
+    (any ``attn_impl``); otherwise they attend to each row's cache up to their own position.
+    Positions (RoPE, ALiBi, learned) count from the start of the row, so an ALiBi model decodes
+    past ``max_seq_len`` when the cache is longer.
     """
 
     cfg: MPTConfig
@@ -268,11 +337,23 @@ class MPT(nn.Module):
         segment_ids: jax.Array | None = None,
         positions: jax.Array | None = None,
         deterministic: bool = True,
-    ) -> jax.Array:
+        cache: Cache | None = None,
+        cache_positions: jax.Array | None = None,
+        prefill: bool = False,
+    ) -> jax.Array | tuple[jax.Array, Cache]:
         cfg = self.cfg
         if tokens.ndim != 2:
             raise ValueError(f"MPT: tokens must be [batch, length], got shape {tokens.shape}")
-        length = tokens.shape[1]
+        if (cache is None) != (cache_positions is None):
+            raise ValueError("MPT: cache and cache_positions go together")
+        batch, length = tokens.shape
+        if cache is not None:
+            if cache["k"].shape[:2] != (cfg.n_layers, batch) or length > cache["k"].shape[2]:
+                raise ValueError(
+                    f"MPT: cache {cache['k'].shape} does not fit {cfg.n_layers} layers x {batch} rows of {length} tokens"
+                )
+            if positions is None:
+                positions = cache_positions[:, None].astype(jnp.int32) + jnp.arange(length, dtype=jnp.int32)
         wte = Embedding(cfg, cfg.vocab_size, ("vocab", "embed"), name="wte")
         x = wte(tokens)
         if cfg.uses_learned_pos_emb:
@@ -295,11 +376,11 @@ class MPT(nn.Module):
             block,
             variable_axes={"params": 0},
             split_rngs={"params": True, "dropout": True},
-            in_axes=(nn.broadcast, nn.broadcast),
+            in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
             length=cfg.n_layers,
             metadata_params={nn.PARTITION_NAME: "layers"},
         )
-        x, _ = blocks(cfg, deterministic, name="blocks")(x, segment_ids, positions)
+        x, cache = blocks(cfg, deterministic, prefill, name="blocks")(x, segment_ids, positions, cache, cache_positions)
 
         h = Norm(cfg, (cfg.d_model,), ("embed",), name="norm_f")(x)
         if cfg.tie_word_embeddings:
@@ -308,7 +389,33 @@ class MPT(nn.Module):
             logits = Linear(cfg, (cfg.vocab_size,), ("embed", "vocab"), name="lm_head")(h).astype(jnp.float32)
         if cfg.logit_multiplier is not None:
             logits = logits * cfg.logit_multiplier
-        return softcap(logits, cfg.final_logit_softcapping)
+        logits = softcap(logits, cfg.final_logit_softcapping)
+        return logits if cache is None else (logits, cache)
+
+
+# ------------------------------------------------------------------------------------------------
+# The KV cache: per layer k and v, stacked over layers like the params.
+
+Cache = dict[str, jax.Array]  # {"k": [L, B, T, Hkv, hd], "v": [L, B, T, Hkv, hd]} (one layer: no L)
+CACHE_AXES = ("layers", "cache_batch", "cache_length", "kv_heads", "head_dim")
+
+
+def init_cache(cfg: MPTConfig, batch: int, length: int, dtype: str | None = None) -> Cache:
+    """Zeros for ``batch`` rows of ``length`` positions; ``dtype`` defaults to the compute dtype."""
+    shape = (cfg.n_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+    dt = jnp.dtype(dtype or cfg.dtype)
+    return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)}
+
+
+def write_cache(layer: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
+    """Row b of ``layer`` [B, T, Hkv, hd] gets ``new[b]`` [S, Hkv, hd] at positions[b] .. + S - 1.
+
+    The caller keeps positions[b] + S <= T (XLA would clamp the start and overwrite earlier keys)."""
+
+    def one(row, update, start):
+        return jax.lax.dynamic_update_slice(row, update.astype(row.dtype), (start, 0, 0))
+
+    return jax.vmap(one)(layer, new, positions.astype(jnp.int32))
 
 
 def param_shapes(cfg: MPTConfig, length: int = 8):

@@ -59,11 +59,25 @@ def _llama3(inv: np.ndarray, cfg: MPTConfig) -> np.ndarray:
     return np.where(medium, blended, scaled)
 
 
-def _xpos_scale(cfg: MPTConfig, positions: jax.Array, seq_len: int) -> jax.Array:
-    """[..., head_dim / 2] xpos factors ``s_i ** ((t - seq_len // 2) / scale_base)``."""
+def _row_frequencies(cfg: MPTConfig, seq_len: jax.Array) -> jax.Array:
+    """[B, 1, head_dim / 2] frequencies for rows of different lengths (``seq_len`` [B]): only
+    dynamic NTK depends on the length, so the others broadcast one row."""
+    if not (cfg.rope_impl == "hf" and cfg.rope_hf_type == "dynamic"):
+        return jnp.asarray(inverse_frequencies(cfg, 0))[None, None]
+    dim, factor = cfg.head_dim, cfg.rope_hf_factor
+    length = seq_len.astype(jnp.float32)
+    grown = cfg.rope_theta * (factor * length / cfg.max_seq_len - (factor - 1.0)) ** (dim / (dim - 2))
+    base = jnp.where(length > cfg.max_seq_len, grown, cfg.rope_theta)
+    exponents = jnp.arange(0, dim, 2, dtype=jnp.float32) / dim
+    return (1.0 / base[:, None] ** exponents[None])[:, None]
+
+
+def _xpos_scale(cfg: MPTConfig, positions: jax.Array, seq_len: int | jax.Array) -> jax.Array:
+    """[B, S, head_dim / 2] xpos factors ``s_i ** ((t - seq_len // 2) / scale_base)``."""
     dim = cfg.head_dim
     s = (jnp.arange(0, dim, 2, dtype=jnp.float32) + 0.4 * dim) / (1.4 * dim)
-    power = (positions.astype(jnp.float32) - (seq_len // 2)) / cfg.rope_dail_xpos_scale_base
+    half = (seq_len // 2) if isinstance(seq_len, int) else (seq_len // 2)[:, None]
+    power = (positions.astype(jnp.float32) - half) / cfg.rope_dail_xpos_scale_base
     return s ** power[..., None]
 
 
@@ -77,14 +91,19 @@ def _rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 def apply_rope(
-    q: jax.Array, k: jax.Array, positions: jax.Array, cfg: MPTConfig, seq_len: int
+    q: jax.Array, k: jax.Array, positions: jax.Array, cfg: MPTConfig, seq_len: int | jax.Array
 ) -> tuple[jax.Array, jax.Array]:
     """Rotates q [B, S, H, D] and k [B, S, Hkv, D] at ``positions`` [B, S] (ints).
 
-    ``seq_len`` is the total length the forward covers (cached keys included): dynamic NTK and
-    xpos depend on it.
+    ``seq_len`` is the total length the forward covers, cached keys included (an int, or [B] when
+    cache rows hold different lengths): dynamic NTK and xpos depend on it. A cached key keeps the
+    rotation of the step that wrote it, as in llm-foundry's cached generation.
     """
-    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inverse_frequencies(cfg, seq_len))
+    if isinstance(seq_len, int):
+        frequencies = jnp.asarray(inverse_frequencies(cfg, seq_len))
+    else:
+        frequencies = _row_frequencies(cfg, seq_len)
+    angles = positions.astype(jnp.float32)[..., None] * frequencies
     cos, sin = jnp.cos(angles), jnp.sin(angles)
     if cfg.rope_impl == "dail" and cfg.rope_dail_type == "xpos":
         scale = _xpos_scale(cfg, positions, seq_len)

@@ -41,6 +41,8 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("qkv", None),
     ("mlp", "tensor"),
     ("length", None),
+    ("cache_batch", ("data", "fsdp")),
+    ("cache_length", None),
 )
 
 
@@ -137,6 +139,14 @@ def param_shardings(cfg: MPTConfig, mesh: Mesh, rules=DEFAULT_RULES):
     return shardings_of_params(param_shapes(cfg), mesh, rules)
 
 
+def quantized_param_shardings(cfg: MPTConfig, mesh: Mesh, rules=DEFAULT_RULES, *, include_embedding: bool = True):
+    """NamedShardings for the int8 params of ``cfg`` (``quantize.quantize_params``): each int8
+    weight placed as its float weight, each scale as the output axes of its weight."""
+    from mpt_jax.quantize import quantized_param_shapes
+
+    return shardings_of_params(quantized_param_shapes(cfg, include_embedding=include_embedding), mesh, rules)
+
+
 def state_shardings(cfg: MPTConfig, optimizer: optax.GradientTransformation, mesh: Mesh, rules=DEFAULT_RULES):
     """Shardings of the train state of ``cfg`` with ``optimizer`` (traces the model's shapes once)."""
     boxed = param_shapes(cfg)
@@ -147,3 +157,13 @@ def state_shardings(cfg: MPTConfig, optimizer: optax.GradientTransformation, mes
 def batch_sharding(mesh: Mesh) -> NamedSharding:
     """Rows of a batch split over data x fsdp; the sequence stays whole."""
     return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+
+
+def cache_shardings(cfg: MPTConfig, batch: int, length: int, mesh: Mesh, rules=DEFAULT_RULES) -> dict:
+    """NamedShardings of a KV cache (``model.init_cache``): rows like a batch, kv heads like the
+    k/v projections (``model.CACHE_AXES``)."""
+    from mpt_jax.model import CACHE_AXES
+
+    shape = (cfg.n_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+    sharding = NamedSharding(mesh, spec_for(shape, CACHE_AXES, mesh, rules))
+    return {"k": sharding, "v": sharding}

@@ -51,6 +51,7 @@ def attend(
     block_sizes: BlockSizes | None = None,
     sliding_window: int | None = None,
     logit_softcap: float | None = None,
+    q_positions: jax.Array | None = None,
 ) -> jax.Array:
     """Multi-head attention with optional ALiBi, causal mask, sliding window, logit softcapping and
     packed-sequence segments.
@@ -59,7 +60,8 @@ def attend(
       q: [batch, q_len, heads, head_dim].
       k, v: [batch, kv_len, kv_heads, head_dim]; heads must be a multiple of kv_heads (MQA/GQA:
         query head h reads kv head h // (heads // kv_heads)).
-      causal: mask keys after the query; queries are aligned to the last keys.
+      causal: mask keys after the query; queries are aligned to the last keys unless q_positions
+        says otherwise.
       alibi_slopes: [heads] float32 slopes (see ``alibi_slopes``) of the heads in q, or None for no
         ALiBi. Under ``jax.shard_map`` with heads sharded (q [B, S, H/n, D] per shard), pass each
         shard the slopes of its *global* head indices, i.e. shard the full [H] slopes array like
@@ -80,6 +82,9 @@ def attend(
       interpret: impl="pallas" only: run the kernels in Pallas interpret mode; default: when the
         default backend is CPU.
       block_sizes: impl="pallas" only: tile sizes (``BlockSizes``); default per head_dim.
+      q_positions: int [batch, q_len]: the key position of each query (a KV cache whose rows hold
+        different lengths; keys are positions 0..kv_len-1, masked causally past each query). Runs
+        through xla whatever ``impl`` is (decoding: a few queries against the cache).
 
     Returns:
       [batch, q_len, heads, head_dim] in q's dtype.
@@ -96,6 +101,8 @@ def attend(
         raise ValueError(f"attend: {q.shape[2]} query heads are not a multiple of {k.shape[2]} kv heads")
     if q.shape[1] > k.shape[1]:
         raise ValueError(f"attend: q_len {q.shape[1]} exceeds kv_len {k.shape[1]}")
+    if q_positions is not None and q_positions.shape != q.shape[:2]:
+        raise ValueError(f"attend: q_positions shape {q_positions.shape} != (batch, q_len) {q.shape[:2]}")
     if alibi_slopes is not None and alibi_slopes.shape != (q.shape[2],):
         raise ValueError(f"attend: alibi_slopes shape {alibi_slopes.shape} != ({q.shape[2]},)")
     q_seg = kv_seg = None
@@ -121,6 +128,8 @@ def attend(
         raise ValueError(
             f"attend: impl={impl!r} has no attention dropout (dropout_rate={dropout_rate}); use impl='xla'"
         )
+    if q_positions is not None:  # queries against a cache: the xla path handles per-row positions
+        impl = "xla"
     if impl == "pallas" and q.shape[1] > 1:
         kernel = functools.partial(
             flash_attention,
@@ -160,6 +169,7 @@ def attend(
             dropout_rng=dropout_rng,
             sliding_window=window,
             logit_softcap=softcap,
+            q_positions=q_positions,
         )
     raise AssertionError(impl)  # unreachable: every name in IMPLS is handled above
 

@@ -53,26 +53,31 @@ def attention_bias(
     q_segment_ids: jax.Array | None,
     kv_segment_ids: jax.Array | None,
     sliding_window: int | None = None,
+    q_positions: jax.Array | None = None,
 ) -> jax.Array:
     """Additive float32 bias of shape [batch or 1, heads or 1, q_len, kv_len].
 
     Queries are aligned to the end of the keys (query i sits at key position i + kv_len - q_len),
-    as in MPT with a KV cache. ALiBi is ``-slope * |i - j|`` (for causal attention this equals
+    unless ``q_positions`` [batch, q_len] gives each query's key position (a KV cache whose rows
+    hold different lengths). ALiBi is ``-slope * |i - j|`` (for causal attention this equals
     MPT's ``slope * (j - i)``; row constants do not change the softmax). A sliding window w keeps
     key j for the query at position i iff ``|i - j| <= w`` (flash-attn's ``window_size=(w, w)``);
     None is no window.
     """
-    q_pos = jnp.arange(q_len, dtype=jnp.int32)[:, None] + (kv_len - q_len)
-    kv_pos = jnp.arange(kv_len, dtype=jnp.int32)[None, :]
+    if q_positions is None:
+        q_pos = (jnp.arange(q_len, dtype=jnp.int32) + (kv_len - q_len))[None, None, :, None]
+    else:
+        q_pos = q_positions.astype(jnp.int32)[:, None, :, None]
+    kv_pos = jnp.arange(kv_len, dtype=jnp.int32)[None, None, None, :]
     bias = jnp.zeros((1, 1, q_len, kv_len), jnp.float32)
     if alibi_slopes is not None:
         distance = jnp.abs(q_pos - kv_pos).astype(jnp.float32)
-        bias = bias - alibi_slopes.astype(jnp.float32)[None, :, None, None] * distance[None, None]
+        bias = bias - alibi_slopes.astype(jnp.float32)[None, :, None, None] * distance
     allowed = jnp.ones((1, 1, q_len, kv_len), bool)
     if causal:
-        allowed = allowed & (kv_pos <= q_pos)[None, None]
+        allowed = allowed & (kv_pos <= q_pos)
     if sliding_window is not None:
-        allowed = allowed & (jnp.abs(q_pos - kv_pos) <= sliding_window)[None, None]
+        allowed = allowed & (jnp.abs(q_pos - kv_pos) <= sliding_window)
     if q_segment_ids is not None:
         same = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
         allowed = allowed & same[:, None]
@@ -93,10 +98,12 @@ def attend_xla(
     dropout_rng: jax.Array | None = None,
     sliding_window: int | None = None,
     logit_softcap: float | None = None,
+    q_positions: jax.Array | None = None,
 ) -> jax.Array:
     """q [B, S, H, D], k and v [B, T, Hkv, D] -> [B, S, H, D] in q's dtype.
 
-    ``sliding_window`` and ``logit_softcap`` as checked by ``check_options`` (None: off).
+    ``sliding_window`` and ``logit_softcap`` as checked by ``check_options`` (None: off);
+    ``q_positions`` as in ``attention_bias``.
     """
     batch, q_len, n_heads, head_dim = q.shape
     kv_len, n_kv = k.shape[1], k.shape[2]
@@ -109,6 +116,7 @@ def attend_xla(
         q_segment_ids=q_segment_ids,
         kv_segment_ids=kv_segment_ids,
         sliding_window=sliding_window,
+        q_positions=q_positions,
     )
     if group == 1:  # MHA: plain [B, H, S, T] scores (XLA's CPU dots are faster without a unit axis)
         q_spec, kv_spec, s_spec = "bshd", "bthd", "bhst"

@@ -1,0 +1,528 @@
+"""Text generation: a KV-cache engine over rows (slots), sampling, streaming, and the CLI.
+
+    python -m mpt_jax.generate --model=PATH_OR_HUB --prompt="def fib(n):" [--max_new_tokens=64
+        --temperature=0 --top_k= --top_p= --min_p= --repetition_penalty= --seed= --stop= --max_seq_len=
+        --quantize=int8 --dtype=bfloat16 --truncate=left --logprobs]
+
+``Engine`` holds a cache of ``rows`` rows of ``cache_len`` positions. A request is *inserted* into
+free rows (its prompt prefilled with the training attention, any ``attn_impl``, then copied into
+its rows), every ``step`` decodes one token for all rows at once, and a finished row is simply
+freed: new requests go into free rows while others keep decoding (the server's continuous
+batching is this loop). Each row has its own position, sampling settings and random key (a row's
+draws depend only on its seed and position, not on its neighbours), so the same request gives the
+same tokens alone or in any batch.
+
+``Generator`` puts requests through an engine: ``generate`` returns ``Completion``s, ``stream``
+yields tokens (and text) as they are produced, both over any number of prompts of different
+lengths. Shapes are bucketed (prompt lengths and cache lengths to powers of two) so a new prompt
+length rarely compiles anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mpt_jax.config import MPTConfig
+from mpt_jax.model import MPT, init_cache
+from mpt_jax.sampling import SamplingParams, sample
+
+MIN_BUCKET = 16
+FINISH_STOP, FINISH_LENGTH = "stop", "length"  # the OpenAI API's finish reasons
+
+
+def bucket(n: int, minimum: int = MIN_BUCKET) -> int:
+    """The power of two >= n (at least ``minimum``): the shapes that get compiled."""
+    return max(minimum, 1 << max(0, (n - 1).bit_length()))
+
+
+def _rows(tree: Any, rows: np.ndarray) -> Any:
+    return jax.tree.map(lambda x: x[rows], tree)
+
+
+class Engine:
+    """A KV cache of ``rows`` x ``cache_len`` and the jitted steps that fill and decode it.
+
+    The host side only says which rows hold which request; all per-row state (cache, positions,
+    the tokens each row holds, sampling settings, random keys) lives on the device.
+    """
+
+    def __init__(
+        self,
+        cfg: MPTConfig,
+        params: Any,
+        *,
+        rows: int,
+        cache_len: int,
+        cache_dtype: str | None = None,
+        mesh: jax.sharding.Mesh | None = None,
+        rules: Any = None,
+    ):
+        if cfg.uses_learned_pos_emb and cache_len > cfg.max_seq_len:
+            raise ValueError(
+                f"a cache of {cache_len} positions exceeds max_seq_len={cfg.max_seq_len}: learned position "
+                "embeddings cannot run past it (ALiBi and RoPE models can: load with a larger max_seq_len)"
+            )
+        self.cfg, self.params, self.rows, self.cache_len = cfg, params, rows, cache_len
+        self.mesh = mesh
+        from mpt_jax.sharding import DEFAULT_RULES, cache_shardings
+
+        self.rules = rules or DEFAULT_RULES
+        dtype = cache_dtype or cfg.dtype
+        with self._context():
+            if mesh is None:
+                self.cache = init_cache(cfg, rows, cache_len, dtype)
+            else:
+                shardings = cache_shardings(cfg, rows, cache_len, mesh, self.rules)
+                self.cache = jax.jit(lambda: init_cache(cfg, rows, cache_len, dtype), out_shardings=shardings)()
+        self.positions = jnp.zeros((rows,), jnp.int32)  # tokens in the cache, per row
+        self.context = jnp.zeros((rows, cache_len), jnp.int32)  # the tokens of each row, sampled ones too
+        self.next_tokens = jnp.zeros((rows,), jnp.int32)  # sampled, not yet in the cache
+        self.keys = jax.random.key_data(jax.random.split(jax.random.key(0), rows))
+        self.sampling = SamplingParams.make(rows)
+        model = MPT(cfg)
+
+        def prefill(params, tokens, lengths):
+            cache = init_cache(cfg, tokens.shape[0], tokens.shape[1], dtype)
+            zeros = jnp.zeros((tokens.shape[0],), jnp.int32)
+            logits, cache = model.apply({"params": params}, tokens, cache=cache, cache_positions=zeros, prefill=True)
+            last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
+            return last, cache
+
+        def insert(cache, chunk, rows_):
+            return jax.tree.map(lambda c, u: c.at[:, rows_, : u.shape[2]].set(u.astype(c.dtype)), cache, chunk)
+
+        def decode(params, cache, tokens, positions):
+            logits, cache = model.apply({"params": params}, tokens[:, None], cache=cache, cache_positions=positions)
+            return logits[:, 0], cache
+
+        def draw(logits, sampling, keys, positions, context):
+            """Row r samples with key fold_in(keys[r], positions[r]): its own seed and position only."""
+            mask = jnp.arange(context.shape[1])[None, :] < positions[:, None]
+            row_keys = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(keys), positions)
+            return sample(logits, sampling, row_keys, context=context, context_mask=mask)
+
+        self._prefill = jax.jit(prefill)
+        self._insert = jax.jit(insert, donate_argnums=(0,))
+        self._decode = jax.jit(decode, donate_argnums=(1,))
+        self._draw = jax.jit(draw)
+
+    def _context(self):
+        """Under a mesh: the mesh and the logical rules (the model's constraints need both)."""
+        import contextlib
+
+        if self.mesh is None:
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        stack.enter_context(jax.set_mesh(self.mesh))
+        stack.enter_context(nn.logical_axis_rules(self.rules))
+        return stack
+
+    def insert(
+        self, rows: Sequence[int], prompts: Sequence[Sequence[int]], sampling: SamplingParams, seeds: Sequence[int]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Prefills ``prompts`` into ``rows`` (their old content is dropped) and samples each row's
+        first token; returns (tokens, logprobs) for those rows. ``sampling`` has one entry per prompt."""
+        n = len(rows)
+        if not (n == len(prompts) == len(seeds) == sampling.temperature.shape[0]) or n == 0:
+            raise ValueError(f"Engine.insert: {n} rows, {len(prompts)} prompts, {len(seeds)} seeds must agree (> 0)")
+        lengths = [len(p) for p in prompts]
+        if min(lengths) < 1 or max(lengths) >= self.cache_len:
+            raise ValueError(f"Engine.insert: prompt lengths {lengths} must be in [1, {self.cache_len - 1}]")
+        width = min(bucket(max(lengths)), self.cache_len)
+        count = bucket(n, minimum=1)  # padded with copies of the first prompt (same row, same values)
+        order = list(range(n)) + [0] * (count - n)
+        tokens = np.zeros((count, width), np.int32)
+        for i, j in enumerate(order):
+            tokens[i, : lengths[j]] = prompts[j]
+        row_ids = np.asarray([rows[j] for j in order], np.int32)
+        lens = np.asarray([lengths[j] for j in order], np.int32)
+        with self._context():
+            last, chunk = self._prefill(self.params, jnp.asarray(tokens), jnp.asarray(lens))
+            self.cache = self._insert(self.cache, chunk, jnp.asarray(row_ids))
+        ridx = jnp.asarray(row_ids[:n])
+        context = np.zeros((n, self.cache_len), np.int32)
+        context[:, :width] = tokens[:n]
+        self.context = self.context.at[ridx].set(jnp.asarray(context))
+        self.positions = self.positions.at[ridx].set(jnp.asarray(lens[:n]))
+        keys = jax.random.key_data(jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32)))
+        self.keys = self.keys.at[ridx].set(keys)
+        self.sampling = jax.tree.map(lambda all_, new: all_.at[ridx].set(new), self.sampling, sampling)
+        tok, logp = self._draw(last[:n], sampling, keys, self.positions[ridx], self.context[ridx])
+        self._accept(ridx, tok)
+        return np.asarray(tok), np.asarray(logp)
+
+    def _accept(self, rows: jax.Array, tokens: jax.Array) -> None:
+        """The sampled tokens become the rows' next input and part of their context."""
+        self.next_tokens = self.next_tokens.at[rows].set(tokens)
+        self.context = self.context.at[rows, self.positions[rows]].set(tokens)
+
+    def step(self) -> tuple[np.ndarray, np.ndarray]:
+        """Feeds every row its pending token and samples the next: (tokens, logprobs), [rows] each.
+        Rows whose request is over decode too (their output is ignored); free rows hold garbage."""
+        with self._context():
+            logits, self.cache = self._decode(self.params, self.cache, self.next_tokens, self.positions)
+        self.positions = jnp.minimum(self.positions + 1, self.cache_len - 1)
+        tokens, logprobs = self._draw(logits, self.sampling, self.keys, self.positions, self.context)
+        self._accept(jnp.arange(self.rows), tokens)
+        return np.asarray(tokens), np.asarray(logprobs)
+
+
+# ------------------------------------------------------------------------------------------------
+# Requests, completions and the generator.
+
+
+@dataclasses.dataclass
+class Completion:
+    """One prompt's result (the OpenAI API's names)."""
+
+    prompt_tokens: list[int]
+    token_ids: list[int]
+    text: str | None
+    finish_reason: str
+    logprobs: list[float] | None = None
+
+
+@dataclasses.dataclass
+class StreamEvent:
+    """One new token of prompt ``index``; ``text`` is the text it completes (may be empty while a
+    multi-byte character or a possible stop string is pending); the last event has ``finish_reason``."""
+
+    index: int
+    token_id: int | None
+    text: str
+    logprob: float | None
+    finish_reason: str | None = None
+
+
+@dataclasses.dataclass
+class _Request:
+    index: int
+    prompt: list[int]
+    max_new_tokens: int
+    seed: int
+    sampling: SamplingParams
+    stop_ids: frozenset[int]
+    stop_strings: tuple[str, ...]
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list[float] = dataclasses.field(default_factory=list)
+    emitted: int = 0  # characters of text already streamed
+    finish: str | None = None
+
+
+class Generator:
+    """Generation for one loaded model: ``generate`` and ``stream`` over batches of prompts.
+
+    ``tokenizer`` (``mpt_jax.data.tokenizer.Tokenizer``) is needed for text prompts, stop strings
+    and text output; token-id prompts work without one. ``max_batch`` is the number of cache rows
+    (prompts beyond it wait for a free row); the cache holds up to ``cfg.max_seq_len`` positions
+    (load with a larger ``max_seq_len`` to run an ALiBi or RoPE model past its training length).
+    """
+
+    def __init__(
+        self,
+        cfg: MPTConfig,
+        params: Any,
+        tokenizer: Any = None,
+        *,
+        max_batch: int = 8,
+        cache_dtype: str | None = None,
+        mesh: jax.sharding.Mesh | None = None,
+        rules: Any = None,
+    ):
+        if max_batch < 1:
+            raise ValueError(f"max_batch={max_batch} must be positive")
+        self.cfg, self.params, self.tokenizer = cfg, params, tokenizer
+        self.max_batch, self.cache_dtype, self.mesh, self.rules = max_batch, cache_dtype, mesh, rules
+        self._engine: Engine | None = None
+
+    def engine(self, rows: int, cache_len: int) -> Engine:
+        """An engine with at least these rows and positions (kept and reused while large enough)."""
+        e = self._engine
+        if e is None or e.rows < rows or e.cache_len < cache_len:
+            e = self._engine = None
+            e = self._engine = Engine(
+                self.cfg,
+                self.params,
+                rows=rows,
+                cache_len=cache_len,
+                cache_dtype=self.cache_dtype,
+                mesh=self.mesh,
+                rules=self.rules,
+            )
+        return e
+
+    # -- inputs --
+
+    def encode_prompts(
+        self, prompts: Sequence[str | Sequence[int]], *, truncate: str | None, room: int
+    ) -> list[list[int]]:
+        """Token ids of each prompt, checked: not empty, ids in the vocabulary, at most
+        ``cfg.max_seq_len - room`` tokens (``truncate='left'`` keeps the last ones instead)."""
+        if isinstance(prompts, str | bytes):
+            raise ValueError("prompts must be a list of strings or of token-id lists, not one string")
+        if not prompts:
+            raise ValueError("no prompts given")
+        if truncate not in (None, "left"):
+            raise ValueError(f"truncate={truncate!r}: expected None or 'left'")
+        limit = self.cfg.max_seq_len - room
+        if limit < 1:
+            raise ValueError(f"max_new_tokens={room} leaves no room for a prompt in max_seq_len={self.cfg.max_seq_len}")
+        out = []
+        for i, p in enumerate(prompts):
+            if isinstance(p, str):
+                if self.tokenizer is None:
+                    raise ValueError("text prompts need a tokenizer (this model was loaded without one)")
+                ids = self.tokenizer.encode(p)
+            else:
+                ids = [int(t) for t in p]
+            if not ids:
+                raise ValueError(f"prompt {i} is empty")
+            bad = [t for t in ids if not 0 <= t < self.cfg.vocab_size]
+            if bad:
+                raise ValueError(
+                    f"prompt {i}: token ids {bad[:5]} are outside the vocabulary [0, {self.cfg.vocab_size})"
+                )
+            if len(ids) > limit:
+                if truncate != "left":
+                    raise ValueError(
+                        f"prompt {i} has {len(ids)} tokens; with max_new_tokens={room} the context of "
+                        f"{self.cfg.max_seq_len} (max_seq_len) holds at most {limit}: shorten it, lower "
+                        "max_new_tokens, load with a larger max_seq_len (ALiBi/RoPE), or pass truncate='left'"
+                    )
+                ids = ids[-limit:]
+            out.append(ids)
+        return out
+
+    def _stop_ids(self, stop_token_ids: Sequence[int] | None) -> frozenset[int]:
+        if stop_token_ids is not None:
+            return frozenset(int(t) for t in stop_token_ids)
+        eos = getattr(self.tokenizer, "eos_id", None)
+        ids = {eos} if eos is not None else set()
+        im_end = self.tokenizer.token_to_id("<|im_end|>") if self.tokenizer is not None else None
+        if im_end is not None:  # ChatML models end a turn with it (MPT-Chat's stop ids are im_end, eos)
+            ids.add(im_end)
+        return frozenset(ids)
+
+    # -- the loop --
+
+    def stream(
+        self,
+        prompts: Sequence[str | Sequence[int]],
+        *,
+        max_new_tokens: int = 64,
+        temperature: float | Sequence[float] = 1.0,
+        top_k: int | Sequence[int] = 0,
+        top_p: float | Sequence[float] = 1.0,
+        min_p: float | Sequence[float] = 0.0,
+        repetition_penalty: float | Sequence[float] = 1.0,
+        seed: int | Sequence[int] = 0,
+        stop: Sequence[str] | None = None,
+        stop_token_ids: Sequence[int] | None = None,
+        truncate: str | None = None,
+    ) -> Iterator[StreamEvent]:
+        """Yields a ``StreamEvent`` per generated token of each prompt, as they are produced.
+
+        Sampling settings may be one value or one per prompt; ``temperature=0`` is greedy. A seed
+        gives the same tokens whatever else is in the batch. Generation of a prompt ends at a stop
+        token (default: the tokenizer's end-of-text, and ``<|im_end|>`` for ChatML tokenizers; the
+        token is not part of the text), a stop string (cut from the text), ``max_new_tokens``, or a
+        full context (``finish_reason`` "stop" or "length").
+        """
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={max_new_tokens} must be positive")
+        if stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer")
+        ids = self.encode_prompts(prompts, truncate=truncate, room=max_new_tokens)
+        n = len(ids)
+        per_row = SamplingParams.make(
+            n,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            repetition_penalty=repetition_penalty,
+        )
+        seeds = [int(s) for s in (seed if isinstance(seed, Sequence) else [seed] * n)]
+        if len(seeds) != n:
+            raise ValueError(f"{len(seeds)} seeds for {n} prompts")
+        stop_ids = self._stop_ids(stop_token_ids)
+        requests = [
+            _Request(
+                i,
+                p,
+                max_new_tokens,
+                seeds[i],
+                _rows(per_row, np.asarray([i])),
+                stop_ids,
+                tuple(s for s in (stop or ()) if s),
+            )
+            for i, p in enumerate(ids)
+        ]
+        longest = max(len(p) for p in ids) + max_new_tokens
+        engine = self.engine(min(self.max_batch, n), min(bucket(longest), self.cfg.max_seq_len))
+        waiting = list(requests)
+        active: dict[int, _Request] = {}  # row -> request
+        while waiting or active:
+            free = [r for r in range(engine.rows) if r not in active]
+            if waiting and free:
+                batch = [waiting.pop(0) for _ in range(min(len(free), len(waiting)))]
+                rows = free[: len(batch)]
+                sampling = jax.tree.map(lambda *xs: jnp.concatenate(xs), *[r.sampling for r in batch])
+                tokens, logprobs = engine.insert(rows, [r.prompt for r in batch], sampling, [r.seed for r in batch])
+                for row, req, tok, lp in zip(rows, batch, tokens, logprobs, strict=True):
+                    active[row] = req
+                    yield from self._advance(req, int(tok), float(lp), engine)
+                    if req.finish:
+                        del active[row]
+                continue
+            tokens, logprobs = engine.step()
+            for row in list(active):
+                req = active[row]
+                yield from self._advance(req, int(tokens[row]), float(logprobs[row]), engine)
+                if req.finish:
+                    del active[row]
+
+    def _advance(self, req: _Request, token: int, logprob: float, engine: Engine) -> Iterator[StreamEvent]:
+        """Records one sampled token of ``req``; yields its event (and decides whether it ends)."""
+        if token in req.stop_ids:
+            req.finish = FINISH_STOP
+            yield self._event(req, None, logprob, final=True)
+            return
+        req.tokens.append(token)
+        req.logprobs.append(logprob)
+        held = len(req.prompt) + len(req.tokens)
+        if len(req.tokens) >= req.max_new_tokens or held >= engine.cache_len:
+            req.finish = FINISH_LENGTH
+        yield self._event(req, token, logprob, final=req.finish is not None)
+
+    def _event(self, req: _Request, token: int | None, logprob: float | None, *, final: bool) -> StreamEvent:
+        """The text ``req`` adds with this token: decoded so far minus what was emitted, holding back
+        an unfinished character and anything that could still become a stop string."""
+        if self.tokenizer is None:
+            return StreamEvent(req.index, token, "", logprob, req.finish)
+        text = self.tokenizer.decode(req.tokens)
+        cut = _first_stop(text, req.stop_strings)
+        if cut is not None:
+            text, req.finish, final = text[:cut], FINISH_STOP, True
+        elif not final:
+            hold = max((len(s) - 1 for s in req.stop_strings), default=0)
+            end = len(text) - hold
+            while end > 0 and text[end - 1] == "\ufffd":  # a multi-byte character still incomplete
+                end -= 1
+            text = text[: max(end, req.emitted)]
+        delta = text[req.emitted :]
+        req.emitted = len(text)
+        return StreamEvent(req.index, token, delta, logprob, req.finish if final else None)
+
+    def generate(self, prompts: Sequence[str | Sequence[int]], *, logprobs: bool = False, **kwargs) -> list[Completion]:
+        """Completions of ``prompts`` (same keyword arguments as ``stream``), in prompt order."""
+        truncate, room = kwargs.get("truncate"), kwargs.get("max_new_tokens", 64)
+        ids = self.encode_prompts(prompts, truncate=truncate, room=room)
+        out = [Completion(p, [], "" if self.tokenizer else None, "", [] if logprobs else None) for p in ids]
+        for ev in self.stream(ids, **{k: v for k, v in kwargs.items() if k != "truncate"}):
+            c = out[ev.index]
+            if ev.token_id is not None:
+                c.token_ids.append(ev.token_id)
+                if logprobs:
+                    c.logprobs.append(ev.logprob)
+            if c.text is not None:
+                c.text += ev.text
+            if ev.finish_reason:
+                c.finish_reason = ev.finish_reason
+        return out
+
+
+def _first_stop(text: str, stops: Sequence[str]) -> int | None:
+    """Where the earliest stop string starts in ``text``, or None."""
+    found = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(found) if found else None
+
+
+# ------------------------------------------------------------------------------------------------
+# The CLI.
+
+
+def _define_flags() -> None:
+    from absl import flags
+
+    flags.DEFINE_string("model", None, "a training workdir, an mpt-jax checkpoint, an HF folder or a hub id")
+    flags.DEFINE_string("prompt", None, "the prompt text")
+    flags.DEFINE_string("prompts", None, "a file of prompts, one per line (a batch)")
+    flags.DEFINE_integer("max_new_tokens", 64, "tokens to generate per prompt")
+    flags.DEFINE_float("temperature", 1.0, "0: greedy (as the OpenAI API)")
+    flags.DEFINE_integer("top_k", 0, "keep the k most likely tokens (0: off)")
+    flags.DEFINE_float("top_p", 1.0, "nucleus sampling (1: off)")
+    flags.DEFINE_float("min_p", 0.0, "drop tokens below min_p x the top probability (0: off)")
+    flags.DEFINE_float("repetition_penalty", 1.0, "transformers' repetition penalty (1: off)")
+    flags.DEFINE_integer("seed", 0, "sampling seed: the same seed gives the same tokens")
+    flags.DEFINE_multi_string("stop", [], "a stop string (repeatable)")
+    flags.DEFINE_multi_integer("stop_token_id", [], "a stop token id (repeatable; default: end of text)")
+    flags.DEFINE_integer("max_seq_len", None, "context length (ALiBi/RoPE models may go past training length)")
+    flags.DEFINE_integer("max_batch", 8, "rows decoded at once")
+    flags.DEFINE_enum("quantize", None, ["int8"], "weight-only int8")
+    flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "params and compute dtype (default: as stored)")
+    flags.DEFINE_enum("truncate", None, ["left"], "cut over-long prompts from the left instead of failing")
+    flags.DEFINE_integer("step", None, "a training workdir's checkpoint step (default: newest)")
+    flags.DEFINE_bool("logprobs", False, "print each generated token's log-probability after the text")
+
+
+def main(argv) -> None:
+    from absl import flags
+
+    from mpt_jax.load import load
+
+    del argv
+    f = flags.FLAGS
+    if not f.model:
+        raise ValueError("--model=PATH_OR_HUB is required")
+    if (f.prompt is None) == (f.prompts is None):
+        raise ValueError("give exactly one of --prompt=TEXT or --prompts=FILE")
+    if f.prompts is not None:
+        with open(f.prompts, encoding="utf-8") as fh:
+            prompts = [line.rstrip("\n").replace("\\n", "\n") for line in fh if line.strip()]
+    else:
+        prompts = [f.prompt]
+    cfg, params, tokenizer = load(f.model, dtype=f.dtype, quantize=f.quantize, max_seq_len=f.max_seq_len, step=f.step)
+    gen = Generator(cfg, params, tokenizer, max_batch=f.max_batch)
+    kwargs = dict(
+        max_new_tokens=f.max_new_tokens,
+        temperature=f.temperature,
+        top_k=f.top_k,
+        top_p=f.top_p,
+        min_p=f.min_p,
+        repetition_penalty=f.repetition_penalty,
+        seed=f.seed,
+        stop=f.stop or None,
+        stop_token_ids=f.stop_token_id or None,
+        truncate=f.truncate,
+    )
+    if len(prompts) == 1:  # stream to stdout as tokens arrive
+        logprobs = []
+        for ev in gen.stream(prompts, **kwargs):
+            sys.stdout.write(ev.text)
+            sys.stdout.flush()
+            if ev.token_id is not None:
+                logprobs.append(ev.logprob)
+        sys.stdout.write("\n")
+        if f.logprobs:
+            print("logprobs: " + " ".join(f"{x:.4f}" for x in logprobs))
+        return
+    for i, c in enumerate(gen.generate(prompts, logprobs=f.logprobs, **kwargs)):
+        print(f"=== {i} ({c.finish_reason}, {len(c.token_ids)} tokens)")
+        print(prompts[i] + (c.text or ""))
+        if f.logprobs:
+            print("logprobs: " + " ".join(f"{x:.4f}" for x in c.logprobs))
+
+
+if __name__ == "__main__":
+    from mpt_jax import cli
+
+    cli.run("generate", _define_flags, main)
