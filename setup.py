@@ -21,6 +21,7 @@ setup(
         "tensorflow-datasets",
         "ml-collections",
         "tokenizers",
+        "jinja2>=3.1.6",  # chat templates (mpt_jax.prompts), sandboxed as transformers requires
         "safetensors",
         "huggingface_hub",
         "ml_dtypes",

@@ -5,6 +5,9 @@ Layout of a model checkpoint folder (written by ``convert hf_to_jax``, read by t
 
     DIR/config.json            {"format": "mpt-jax-model", "version": 1, "model": {MPTConfig fields}}
     DIR/params/<a.b.c>/        one orbax PyTree checkpoint per param, e.g. params/blocks.attn.Wqkv.kernel
+    DIR/tokenizer/             its tokenizer (tokenizer.json + tokenizer_config.json), when it has one
+
+A training workdir keeps its run's tokenizer the same way, in ``<workdir>/tokenizer/``.
 
 One orbax item per param, written one after the other, because orbax copies what it writes: saving
 MPT-30B as a single tree would need twice its size in host memory, param by param it needs the
@@ -33,6 +36,7 @@ from mpt_jax.model import flat_params
 FORMAT = "mpt-jax-model"
 VERSION = 1
 PARAMS = "params"
+TOKENIZER_DIR = "tokenizer"  # a model checkpoint's or a training workdir's tokenizer folder
 
 
 def save_model(
@@ -41,16 +45,23 @@ def save_model(
     params: Any | Iterable[tuple[tuple[str, ...], Any]],
     *,
     overwrite: bool = False,
+    tokenizer: Any = None,
     extra: Callable[[str], None] | None = None,
 ) -> str:
     """Writes ``params`` and ``cfg`` to ``path``, atomically (a temporary folder, then a rename).
 
     ``params`` is a nested dict of numpy or jax arrays, or an iterable of (path tuple, array)
     pairs, which is consumed one param at a time (what ``convert hf_to_jax`` streams).
-    ``extra(folder)`` writes more files into the temporary folder before the rename (convert's
-    tokenizer), so they appear together with the params or not at all.
+    ``tokenizer`` goes to ``path/tokenizer/``: a ``Tokenizer`` (anything with
+    ``save_pretrained(folder)``) or a folder whose tokenizer files are copied as they are (an HF
+    source's). ``extra(folder)`` writes more files into the temporary folder before the rename.
+    Either way they appear together with the params or not at all.
     """
     path = os.path.abspath(os.fspath(path))
+    if tokenizer is not None and not hasattr(tokenizer, "save_pretrained"):
+        from mpt_jax.data.tokenizer import TokenizerFiles
+
+        tokenizer = TokenizerFiles(tokenizer)  # checked now: a folder without tokenizer files stops before writing
     leaves = flat_params(params) if isinstance(params, dict) else params
     with atomic_output_dir(path, overwrite=overwrite) as tmp:
         with ocp.PyTreeCheckpointer() as ckptr:
@@ -60,6 +71,8 @@ def save_model(
         with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
             json.dump({"format": FORMAT, "version": VERSION, "model": cfg.to_dict()}, f, indent=2)
             f.write("\n")
+        if tokenizer is not None:
+            tokenizer.save_pretrained(os.path.join(tmp, TOKENIZER_DIR))
         if extra is not None:
             extra(tmp)
     return path
@@ -555,3 +568,36 @@ def _load_workdir_params(workdir: str, dtype: str | None, step: int | None = Non
             ),
         )
     return cfg, restored["params"]
+
+
+# ----------------------------------------------------------------------------------------------
+# The tokenizer that goes with any source of weights.
+
+
+def find_tokenizer(kind: str, where: str, *, run: dict[str, Any] | None = None) -> tuple[Any, str]:
+    """(tokenizer or None, where it came from or why there is none) for the weights of
+    ``resolve_source``'s ``(kind, where)``; ``where`` must be a local folder (resolve a hub id with
+    ``hf.resolve_hf_path`` first).
+
+    An HF folder's tokenizer files; a model checkpoint's ``tokenizer/``; a workdir's
+    ``tokenizer/`` (written when its run started), else, for workdirs from before that, the
+    tokenizer named by the run config's ``data`` section (``run``, or the newest checkpoint's):
+    ChatML tokens included when it trained on chat data, never trained anew. A tokenizer file that
+    is there but broken is an error, not a missing tokenizer.
+    """
+    from mpt_jax.data.tokenizer import load_tokenizer
+
+    folder = where if kind == "hf" else os.path.join(where, TOKENIZER_DIR)
+    if os.path.isfile(os.path.join(folder, "tokenizer.json")):
+        return load_tokenizer(folder), folder
+    if kind != "workdir":
+        return None, f"{folder} has no tokenizer.json"
+    from mpt_jax.data.pipeline import DataConfig, get_tokenizer  # older workdirs only: imports grain
+
+    try:
+        run = run if run is not None else workdir_run_config(where)[1]
+        data = DataConfig.from_config(run.get("data") or {})
+        tok = get_tokenizer(data, train=False)
+    except (ValueError, OSError) as e:
+        return None, f"{where} has no {TOKENIZER_DIR}/ folder and its run's tokenizer was not found ({e})"
+    return tok, f"the run config's data.tokenizer={data.tokenizer}"

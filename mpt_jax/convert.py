@@ -9,8 +9,9 @@ files, if any, under DST/tokenizer).
 
 jax_to_hf: SRC is a training workdir (its newest checkpoint, or ``--step=N``) or an mpt-jax model
 checkpoint; DST gets safetensors shards that ``transformers.MptForCausalLM.from_pretrained(DST)``
-loads, and the tokenizer: a model checkpoint's tokenizer files, or the training run's own
-(``config.data.tokenizer``, with the ChatML tokens and a chat template when it trained on chat data).
+loads, and the tokenizer: a model checkpoint's or a workdir's ``tokenizer/`` files (a training run
+writes its tokenizer there when it starts, ChatML tokens and chat template included when it trains
+on chat data); for workdirs older than that, the run's ``config.data.tokenizer``.
 
 DST is checked before anything is downloaded or loaded, is never overwritten unless
 ``--overwrite``, and is written whole (tokenizer included) under a temporary name, then renamed.
@@ -19,10 +20,8 @@ DST is checked before anything is downloaded or loaded, is never overwritten unl
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
-import shutil
 import sys
 import time
 from typing import Any
@@ -30,14 +29,6 @@ from typing import Any
 from absl import flags, logging
 
 from mpt_jax import cli
-
-TOKENIZER_DIR = "tokenizer"
-
-# transformers' chat template for the ChatML layout of mpt_jax.data.formats.render_chatml (MPT-7B/30B-Chat).
-CHATML_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
-    "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
-)
 
 
 def parse_size(text: str) -> int:
@@ -61,28 +52,19 @@ def check_dst(src: str, dst: str, *, overwrite: bool) -> None:
             raise ValueError(f"DST {dst} is SRC {src} or holds it: writing DST would replace SRC")
 
 
-def _tokenizer_files(folder: str) -> list[str]:
-    names = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt")
-    return [os.path.join(folder, n) for n in names if os.path.isfile(os.path.join(folder, n))]
-
-
 def hf_to_jax(src: str, dst: str, *, dtype: str | None, overwrite: bool) -> None:
     from mpt_jax.checkpoint import save_model
+    from mpt_jax.data.tokenizer import TokenizerFiles, folder_files
     from mpt_jax.hf import iter_params, open_hf, resolve_hf_path
 
     check_dst(src, dst, overwrite=overwrite)
     folder = resolve_hf_path(src)
-    tokenizer = _tokenizer_files(folder)
-
-    def copy_tokenizer(tmp: str) -> None:  # inside save_model's temporary folder: renamed with the params
-        if tokenizer:
-            os.makedirs(os.path.join(tmp, TOKENIZER_DIR))
-            for file in tokenizer:
-                shutil.copy2(file, os.path.join(tmp, TOKENIZER_DIR))
-
+    tokenizer = TokenizerFiles(folder) if folder_files(folder) else None  # copied as they are
+    if tokenizer is None:
+        logging.warning("no tokenizer: %s has no tokenizer files", folder)
     cfg, reader = open_hf(folder)
     try:  # streamed param by param: host memory holds one converted param at a time
-        save_model(dst, cfg, iter_params(cfg, reader, dtype), overwrite=overwrite, extra=copy_tokenizer)
+        save_model(dst, cfg, iter_params(cfg, reader, dtype), overwrite=overwrite, tokenizer=tokenizer)
     finally:
         reader.close()
 
@@ -109,50 +91,23 @@ def source_kind(src: str) -> tuple[str, str]:
     )
 
 
-class HFTokenizer:
-    """An mpt_jax Tokenizer written as transformers reads one: ``tokenizer.json`` plus a
-    ``tokenizer_config.json`` (``PreTrainedTokenizerFast``; MPT's BOS = EOS = UNK = the end-of-text
-    token, as gpt-neox-20b's), and the ChatML chat template when the run trained on chat data."""
+def source_tokenizer(kind: str, where: str, run: dict[str, Any] | None, max_length: int) -> Any:
+    """What save_hf writes as the tokenizer: a checkpoint's ``tokenizer/`` files (copied as they
+    are), else a workdir's run tokenizer (``checkpoint.find_tokenizer``) told ``max_length``; None,
+    with a warning naming why, when there is none."""
+    from mpt_jax.checkpoint import TOKENIZER_DIR, find_tokenizer
+    from mpt_jax.data.tokenizer import TokenizerFiles, folder_files
 
-    def __init__(self, tokenizer: Any, *, chat: bool, max_length: int):
-        self.tokenizer = tokenizer
-        self.chat = chat
-        self.max_length = max_length
-
-    def save_pretrained(self, folder: str) -> None:
-        self.tokenizer.tk.save(os.path.join(folder, "tokenizer.json"))
-        eos = self.tokenizer.eos_token
-        config = {
-            "tokenizer_class": "PreTrainedTokenizerFast",
-            "bos_token": eos,
-            "eos_token": eos,
-            "unk_token": eos,
-            "model_max_length": self.max_length,
-            "clean_up_tokenization_spaces": False,
-        }
-        if self.chat:
-            config["chat_template"] = CHATML_TEMPLATE
-        with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-            json.dump(config, f, indent=2)
-            f.write("\n")
-
-
-def run_tokenizer(run: dict[str, Any], max_length: int) -> HFTokenizer | None:
-    """The tokenizer a training run used (its config's ``data`` section), ChatML tokens included
-    when it trained on chat data; None, with a warning naming why, when it cannot be found (an
-    uncached stdlib-bpe, a hub tokenizer offline). Never trains one."""
-    from mpt_jax.data.pipeline import DataConfig, get_tokenizer
-    from mpt_jax.data.tokenizer import IM_START
-
-    try:
-        data = DataConfig.from_config(run.get("data") or {})
-        tok = get_tokenizer(data, train=False)
-    except (ValueError, OSError) as e:
-        logging.warning("no tokenizer written: the run's tokenizer was not found (%s)", cli.one_line(e))
+    folder = os.path.join(where, TOKENIZER_DIR)
+    if folder_files(folder):
+        return TokenizerFiles(folder)
+    tok, origin = find_tokenizer(kind, where, run=run)
+    if tok is None:
+        logging.warning("no tokenizer written: %s", cli.one_line(origin))
         return None
-    chat = tok.token_to_id(IM_START) is not None  # get_tokenizer added ChatML for chat data
-    logging.info("tokenizer: %s (%d ids%s)", data.tokenizer, tok.vocab_size, ", ChatML" if chat else "")
-    return HFTokenizer(tok, chat=chat, max_length=max_length)
+    tok.model_max_length = max_length
+    logging.info("tokenizer: %s (%d ids%s)", origin, tok.vocab_size, ", chat template" if tok.chat_template else "")
+    return tok
 
 
 def _load_source(src: str, step: int | None, dtype: str | None) -> tuple[Any, Any, Any]:
@@ -162,12 +117,11 @@ def _load_source(src: str, step: int | None, dtype: str | None) -> tuple[Any, An
     kind, where = source_kind(src)
     if kind == "model":
         cfg, params = checkpoint.load_params_any(where, dtype=dtype, step=step)
-        tokenizer = os.path.join(where, TOKENIZER_DIR)
-        return cfg, params, tokenizer if os.path.isdir(tokenizer) else None
+        return cfg, params, source_tokenizer(kind, where, None, cfg.max_seq_len)
     step, run = checkpoint.workdir_run_config(where, step)  # the step first: a run may save a newer one meanwhile
     cfg, params = checkpoint.load_params_any(where, dtype=dtype, step=step)
     logging.info("%s: the checkpoint at step %d", src, step)
-    return cfg, params, run_tokenizer(run, cfg.max_seq_len)
+    return cfg, params, source_tokenizer(kind, where, run, cfg.max_seq_len)
 
 
 def jax_to_hf(

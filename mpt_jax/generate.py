@@ -99,9 +99,13 @@ class Engine:
         def insert(cache, chunk, rows_):
             return jax.tree.map(lambda c, u: c.at[:, rows_, : u.shape[2]].set(u.astype(c.dtype)), cache, chunk)
 
-        def decode(params, cache, tokens, positions):
+        def decode(params, cache, tokens, positions, context, sampling, keys):
+            """One fused step: feed each row its pending token, sample the next, record it."""
             logits, cache = model.apply({"params": params}, tokens[:, None], cache=cache, cache_positions=positions)
-            return logits[:, 0], cache
+            positions = jnp.minimum(positions + 1, cache_len - 1)
+            new, logprobs = draw(logits[:, 0], sampling, keys, positions, context)
+            context = context.at[jnp.arange(context.shape[0]), positions].set(new)
+            return cache, positions, context, new, logprobs
 
         def draw(logits, sampling, keys, positions, context):
             """Row r samples with key fold_in(keys[r], positions[r]): its own seed and position only."""
@@ -111,7 +115,7 @@ class Engine:
 
         self._prefill = jax.jit(prefill)
         self._insert = jax.jit(insert, donate_argnums=(0,))
-        self._decode = jax.jit(decode, donate_argnums=(1,))
+        self._decode = jax.jit(decode, donate_argnums=(1, 4))
         self._draw = jax.jit(draw)
 
     def _context(self):
@@ -168,11 +172,10 @@ class Engine:
         """Feeds every row its pending token and samples the next: (tokens, logprobs), [rows] each.
         Rows whose request is over decode too (their output is ignored); free rows hold garbage."""
         with self._context():
-            logits, self.cache = self._decode(self.params, self.cache, self.next_tokens, self.positions)
-        self.positions = jnp.minimum(self.positions + 1, self.cache_len - 1)
-        tokens, logprobs = self._draw(logits, self.sampling, self.keys, self.positions, self.context)
-        self._accept(jnp.arange(self.rows), tokens)
-        return np.asarray(tokens), np.asarray(logprobs)
+            self.cache, self.positions, self.context, self.next_tokens, logprobs = self._decode(
+                self.params, self.cache, self.next_tokens, self.positions, self.context, self.sampling, self.keys
+            )
+        return np.asarray(self.next_tokens), np.asarray(logprobs)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -430,6 +430,13 @@ def save_hf(
     """
     from safetensors.numpy import save_file
 
+    from mpt_jax.quantize import is_quantized
+
+    if is_quantized(params):  # HF MPT checkpoints hold float weights only
+        raise ValueError(
+            "save_hf: these params are int8-quantized (they hold *_scale leaves); save the float params, or "
+            "mpt_jax.quantize.dequantize_params(cfg, params) knowing they are the rounded weights"
+        )
     cfg.validate()
     unsupported = cfg.hf_native_unsupported()
     if unsupported:
@@ -500,10 +507,10 @@ def _save_tokenizer(tokenizer: Any, folder: str) -> None:
         tokenizer.save_pretrained(folder)
         return
     path = os.fspath(tokenizer)
-    if os.path.isdir(path):
-        for name in os.listdir(path):
-            if name.startswith("tokenizer") or name == "special_tokens_map.json":
-                shutil.copy2(os.path.join(path, name), folder)
+    if os.path.isdir(path):  # every tokenizer file as it is (chat_template.jinja, vocab.json, ... too)
+        from mpt_jax.data.tokenizer import TokenizerFiles
+
+        TokenizerFiles(path).save_pretrained(folder)
     elif os.path.isfile(path):
         shutil.copy2(path, os.path.join(folder, "tokenizer.json"))
     else:

@@ -1,4 +1,4 @@
-"""Per-device memory of a training run, before anything is allocated, and the meshes that fit.
+"""Per-device memory of a training run (or of serving a model), before anything is allocated, and the meshes that fit.
 
     python -m mpt_jax.plan --config=configs/30b.py --devices=64 --device_memory_gb=80 \
         [--config.train.micro_batch_size=64 ...] [--compile]
@@ -17,12 +17,17 @@ counts are what ``jax.jit`` will place on a device. Activations follow an analyt
 (``activation_bytes``; docs/sharding.md, "Memory planner", writes it out and states how close it
 comes to XLA's buffer assignment).
 
+``--inference [--cache_len=8192 --batch=1 --cache_dtype=]`` prints instead what serving the
+model holds per device of the config's mesh on ``--devices``: its params in float32, bfloat16 and
+int8 (``mpt_jax.quantize``, float32 scales) and the KV cache (``inference_memory``).
+
 Python:
 
     from mpt_jax import plan
     report = plan.plan(config, devices=64, device_memory_gb=80.0)   # dict: estimate, fits, meshes, remedies, ...
     sizes = plan.estimate(config, (1, 64, 1))                       # dict of bytes per device
     xla = plan.compile_report(config, (1, 8, 1))                    # XLA's memory_analysis, compile time
+    mem = plan.inference_memory(cfg, batch=1, cache_len=8192, weight_dtype="int8", mesh_shape=(1, 1, 1))
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec
 
 from mpt_jax import cli, optim, run_config, sharding
 from mpt_jax.config import MPTConfig
-from mpt_jax.model import param_shapes
+from mpt_jax.model import SCALE_SUFFIX, flat_params, param_shapes
 
 GiB = 1024**3
 
@@ -548,6 +553,122 @@ def compile_report(config, mesh_shape: Sequence[int], devices=None, *, rules=Non
 
 
 # ------------------------------------------------------------------------------------------------
+# Inference: the weights and the KV cache.
+
+WEIGHT_DTYPES = ("float32", "bfloat16", "float16", "int8")
+
+
+@functools.lru_cache(maxsize=8)
+def _inference_params(cfg: MPTConfig, weight_dtype: str):
+    """The boxed abstract params a model loaded for inference holds (see ``inference_memory``)."""
+    from mpt_jax.quantize import quantized_param_shapes
+
+    if weight_dtype == "int8":
+        return quantized_param_shapes(cfg, dtype=cfg.dtype)
+    return jax.tree.map(
+        lambda box: box.replace(value=jax.ShapeDtypeStruct(box.value.shape, jnp.dtype(weight_dtype))),
+        param_shapes(cfg),
+        is_leaf=lambda x: isinstance(x, nn.Partitioned),
+    )
+
+
+def inference_memory(
+    cfg: MPTConfig,
+    *,
+    batch: int = 1,
+    cache_len: int | None = None,
+    weight_dtype: str = "bfloat16",
+    cache_dtype: str | None = None,
+    mesh_shape: Sequence[int] = (1, 1, 1),
+    rules=sharding.DEFAULT_RULES,
+) -> dict[str, int]:
+    """Bytes per device that serving ``cfg`` holds: its params and a KV cache of ``batch`` rows of
+    ``cache_len`` positions (default ``cfg.max_seq_len``), 2 x layers x batch x cache_len x kv_heads
+    x head_dim elements.
+
+    ``weight_dtype``: ``float32``, ``bfloat16`` or ``float16`` (every param in it), or ``int8``
+    (``quantize.quantize_params``: int8 weights with float32 scales, norms and biases in
+    ``cfg.dtype``). ``cache_dtype`` defaults to the compute dtype, as ``mpt_jax.load`` and the
+    generation engine set it: ``weight_dtype``, or ``cfg.dtype`` for int8. Each leaf is divided by
+    the mesh axes its sharding splits it over (``sharding.shardings_of_params`` and
+    ``sharding.cache_shardings`` on an abstract mesh of ``mesh_shape``).
+
+    Returns ``params`` (scales included), ``scales``, ``cache`` and ``total``. The temporaries of a
+    forward pass (a prefill's activations and logits) are not counted.
+    """
+    if weight_dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"weight_dtype={weight_dtype!r}: expected one of {WEIGHT_DTYPES}")
+    cache_len = cfg.max_seq_len if cache_len is None else int(cache_len)
+    if batch < 1 or cache_len < 1:
+        raise ValueError(f"batch={batch}, cache_len={cache_len}: both must be positive")
+    compute = cfg.dtype if weight_dtype == "int8" else weight_dtype
+    cache_dtype = cache_dtype or compute
+    mesh = _abstract_mesh(mesh_shape)
+    boxed = _inference_params(cfg, weight_dtype)
+    params = nn.meta.unbox(boxed)
+    shardings = sharding.shardings_of_params(boxed, mesh, rules)
+    per_leaf = jax.tree.map(
+        lambda x, s: math.prod(s.shard_shape(x.shape)) * jnp.dtype(x.dtype).itemsize, params, shardings
+    )
+    sizes = flat_params(per_leaf)
+    params_bytes = int(sum(n for _, n in sizes))
+    scales = int(sum(n for path, n in sizes if path[-1].endswith(SCALE_SUFFIX)))
+    shape = (cfg.n_layers, batch, cache_len, cfg.num_kv_heads, cfg.head_dim)
+    cache_sh = sharding.cache_shardings(cfg, batch, cache_len, mesh, rules)
+    cache = 2 * math.prod(cache_sh["k"].shard_shape(shape)) * jnp.dtype(cache_dtype).itemsize
+    return {"params": params_bytes, "scales": scales, "cache": cache, "total": params_bytes + cache}
+
+
+def format_inference(
+    cfg: MPTConfig,
+    *,
+    batch: int,
+    cache_len: int,
+    cache_dtype: str | None,
+    mesh_shape: Sequence[int],
+    device_memory_gb: float,
+    name: str = "",
+    rules=sharding.DEFAULT_RULES,
+) -> str:
+    """The CLI's inference table: per device, params, scales, KV cache and total for each weight dtype."""
+    n_params = sum(int(x.size) for x in jax.tree.leaves(nn.meta.unbox(param_shapes(cfg))))
+    size = f"{n_params / 1e9:.2f}B" if n_params >= 1e9 else f"{n_params / 1e6:.1f}M"
+    limit = device_memory_gb * GiB
+    head = f"{'weights':<24s} {'params':>8s} {'scales':>8s} {'KV cache':>9s} {'(dtype)':>10s} {'total':>8s}  fits in {device_memory_gb:g} GiB"
+    lines = [
+        f"inference memory{' for ' + name if name else ''}: {size} params (d_model {cfg.d_model}, {cfg.n_layers} "
+        f"layers, {cfg.n_heads} heads, {cfg.num_kv_heads} kv heads of {cfg.head_dim})",
+        f"  KV cache of {batch} row{'s' if batch != 1 else ''} x {cache_len} positions; mesh (data, fsdp, tensor) = "
+        f"{tuple(int(s) for s in mesh_shape)}; GiB per device",
+        "",
+        "  " + head,
+    ]
+    for weight_dtype in ("float32", "bfloat16", "int8"):
+        m = inference_memory(
+            cfg,
+            batch=batch,
+            cache_len=cache_len,
+            weight_dtype=weight_dtype,
+            cache_dtype=cache_dtype,
+            mesh_shape=mesh_shape,
+            rules=rules,
+        )
+        label = "int8 + float32 scales" if weight_dtype == "int8" else weight_dtype
+        dtype = cache_dtype or (cfg.dtype if weight_dtype == "int8" else weight_dtype)
+        scales = _gib(m["scales"]) if weight_dtype == "int8" else "-"
+        verdict = f"{'yes' if m['total'] <= limit else 'no'} ({m['total'] / limit:.0%})"
+        lines.append(
+            f"  {label:<24s} {_gib(m['params']):>8s} {scales:>8s} {_gib(m['cache']):>9s} {dtype:>10s} "
+            f"{_gib(m['total']):>8s}  {verdict}"
+        )
+    lines.append(
+        f"  (KV cache: 2 x {cfg.n_layers} layers x {batch} x {cache_len} x {cfg.num_kv_heads} kv heads x "
+        f"{cfg.head_dim}; a forward pass's temporaries come on top)"
+    )
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------
 # The CLI.
 
 
@@ -667,6 +788,21 @@ def main(argv) -> None:
     f = flags.FLAGS
     config = cli.config_from_flags("config")
     name = config_flags.get_config_filename(f["config"])
+    if f.inference:
+        cfg = run_config.model_config(config)
+        print(
+            format_inference(
+                cfg,
+                batch=f.batch,
+                cache_len=f.cache_len or cfg.max_seq_len,
+                cache_dtype=f.cache_dtype or None,
+                mesh_shape=run_config.mesh_shape(config, f.devices),
+                device_memory_gb=f.device_memory_gb,
+                name=name,
+                rules=sharding.rules_from_config(config),
+            )
+        )
+        return
     if f["compile"].value:
         _use_cpu_devices(f.devices)  # before anything starts a backend
     report = plan(config, f.devices, f.device_memory_gb, margin=f.margin, platform=f.platform)
@@ -699,6 +835,20 @@ def _define_flags() -> None:
         False,
         "also compile the train step on abstract inputs and print XLA's memory analysis next to the estimate "
         "(on forced CPU devices when this host has fewer than --devices)",
+    )
+    flags.DEFINE_bool(
+        "inference",
+        False,
+        "instead of training, print the memory of serving the model: params in float32, bfloat16 and int8, "
+        "plus the KV cache, per device of the config's mesh on --devices",
+    )
+    flags.DEFINE_integer("cache_len", 0, "--inference: positions of the KV cache (0: the model's max_seq_len)")
+    flags.DEFINE_integer("batch", 1, "--inference: rows of the KV cache (sequences decoded at once)")
+    flags.DEFINE_enum(
+        "cache_dtype",
+        "",
+        ["", "float32", "bfloat16", "float16"],
+        "--inference: the cache's dtype (default: compute dtype)",
     )
 
 

@@ -9,7 +9,8 @@ saves a checkpoint and exits cleanly; a NaN/inf loss or gradient norm stops the 
 step, without saving it. Nothing is written before the checks pass.
 
 Writes to the workdir: ``metrics.jsonl`` (one JSON object per logged step), TensorBoard events,
-``checkpoints/<step>/``, and ``config.json`` (the resolved run config).
+``checkpoints/<step>/``, ``config.json`` (the resolved run config) and ``tokenizer/`` (the run's
+tokenizer as transformers reads it, with a ChatML chat template when it trains on chat data).
 """
 
 from __future__ import annotations
@@ -252,12 +253,16 @@ class Trainer:
         )
 
     def _open_outputs(self, step0: int) -> None:
-        """The first writes to the workdir: config.json, metrics.jsonl (records after ``step0``,
-        which this run redoes, dropped) and TensorBoard (told to hide them)."""
+        """The first writes to the workdir: config.json, the run's tokenizer (``tokenizer/``, so
+        the workdir's checkpoints load and convert with it), metrics.jsonl (records after
+        ``step0``, which this run redoes, dropped) and TensorBoard (told to hide them)."""
         c = self.config
         os.makedirs(self.workdir, exist_ok=True)
         if self.is_main:
             _write_text(os.path.join(self.workdir, "config.json"), c.to_json_best_effort(indent=2))
+            self.tok.model_max_length = self.cfg.max_seq_len
+            with files.atomic_output_dir(os.path.join(self.workdir, checkpoint.TOKENIZER_DIR), overwrite=True) as tmp:
+                self.tok.save_pretrained(tmp)
         self.writer = metrics.MetricsWriter(
             self.workdir,
             enabled=self.is_main,

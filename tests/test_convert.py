@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -20,7 +21,7 @@ from hf_utils import hf_logits, random_hf_model, safetensors_dict
 from mpt_jax import MPT, MPTConfig, checkpoint, optim, steps
 from mpt_jax import convert as convert_cli
 from mpt_jax.data.formats import render_chatml
-from mpt_jax.data.tokenizer import load_tokenizer, train_bpe
+from mpt_jax.data.tokenizer import Tokenizer, load_tokenizer, train_bpe
 from mpt_jax.run_config import base_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -188,7 +189,7 @@ def test_a_failure_while_writing_the_tokenizer_leaves_dst_absent_or_as_it_was(tm
             f.write("{")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(convert_cli.HFTokenizer, "save_pretrained", disk_full)
+    monkeypatch.setattr(Tokenizer, "save_pretrained", disk_full)
     assert convert_cli.main(["jax_to_hf", str(tmp_path / "run"), str(tmp_path / "hf")]) == 1
     assert not os.path.exists(tmp_path / "hf") and _no_temporaries(tmp_path)
     (tmp_path / "hf").mkdir()
@@ -207,7 +208,7 @@ def test_a_failure_while_writing_the_tokenizer_leaves_dst_absent_or_as_it_was(tm
         copies.append(a)
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(convert_cli.shutil, "copy2", copy_then_fail)
+    monkeypatch.setattr(shutil, "copy2", copy_then_fail)
     assert convert_cli.main(["hf_to_jax", str(src), str(tmp_path / "jax")]) == 1
     assert copies and not os.path.exists(tmp_path / "jax") and _no_temporaries(tmp_path)
     monkeypatch.undo()

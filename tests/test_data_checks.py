@@ -273,3 +273,22 @@ def test_tokenized_format_is_inferred_and_a_wrong_one_names_the_users_keys(prepa
         DataConfig.from_config(
             {"source": "", "mixture": [{"source": "stdlib"}, {"source": "x.jsonl", "format": "packed"}]}
         )
+
+
+def test_a_source_whose_records_all_come_out_empty_is_an_error(tmp_path, stdlib_data_dir):
+    """Chat turns longer than seq_len truncated to no target: an error naming the source, not an endless wait."""
+    import json
+
+    path = tmp_path / "chat.jsonl"
+    long = "word " * 50
+    with open(path, "w") as f:
+        for i in range(5):
+            msgs = [{"role": "user", "content": long + str(i)}, {"role": "assistant", "content": "ok"}]
+            f.write(json.dumps({"messages": msgs}) + "\n")
+    cfg = DataConfig.from_config(
+        {"source": f"files:{path}", "format": "chat", "packing": "first_fit", "data_dir": stdlib_data_dir, "shuffle": False}
+    )
+    tok = get_tokenizer(cfg)
+    rows = packed_rows(cfg, tok, split="train", seq_len=16, seed=0)
+    with pytest.raises(ValueError, match=r"chat\.jsonl.*records in a row gave no training example.*no loss token"):
+        next(iter(rows))

@@ -3,6 +3,7 @@
     python -m mpt_jax.train --config=configs/tiny.py                  # -> workdirs/tiny
     python -m mpt_jax.train --config=configs/tiny_chat.py             # init_from=workdirs/tiny
     python -m mpt_jax.convert jax_to_hf workdirs/tiny_chat hf/tiny_chat
+    python -m mpt_jax.chat --model=workdirs/tiny_chat          # and generate, driven through stdin
 
 then the HF folder loads in transformers (model and tokenizer) and generates; its greedy tokens are
 our model's. Only the run lengths are shortened; the model, the data and every path are the defaults.
@@ -32,8 +33,10 @@ SHORT = [
 ]
 
 
-def _run(args: list[str], cwd: str, env: dict) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
+def _run(args: list[str], cwd: str, env: dict, stdin: str = "") -> subprocess.CompletedProcess:
+    done = subprocess.run(
+        [sys.executable, "-m", *args], cwd=cwd, env=env, input=stdin, capture_output=True, text=True, timeout=900
+    )
     assert done.returncode == 0, f"{' '.join(args)} failed:\n{done.stderr[-3000:]}"
     return done
 
@@ -51,6 +54,10 @@ def test_train_finetune_to_chat_convert_and_generate_in_transformers(stdlib_data
     _run(["mpt_jax.train", "--config=configs/tiny.py", *SHORT], cwd, env)
     _run(["mpt_jax.train", "--config=configs/tiny_chat.py", *SHORT], cwd, env)
     _run(["mpt_jax.convert", "jax_to_hf", "workdirs/tiny_chat", "hf/tiny_chat"], cwd, env)
+    chat = ["mpt_jax.chat", "--model=workdirs/tiny_chat", "--temperature=0", "--max_new_tokens=8"]
+    assert _run(chat, cwd, env, stdin="What does len do?\n").stdout.count("assistant> ") == 1
+    gen = ["mpt_jax.generate", "--model=workdirs/tiny_chat", "--prompt=import os", "--max_new_tokens=8"]
+    assert _run(gen, cwd, env).stdout.strip()
 
     with open(tmp_path / "workdirs" / "tiny_chat" / "metrics.jsonl") as f:
         records = [json.loads(line) for line in f]

@@ -484,3 +484,98 @@ def test_local_sh_creates_log_dir_and_fails_fast(tmp_path):
     done, seconds = _local(tmp_path, log_dir, "bash", "-c", script, n=3)
     assert done.returncode == 3 and "a process failed (exit 3)" in done.stderr
     assert seconds < 20
+
+
+# ------------------------------------------------------------------------------------------------
+# Inference memory: weights (float or int8) and the KV cache.
+
+
+def _nbytes(tree) -> int:
+    return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def test_inference_bytes_are_the_bytes_of_the_arrays():
+    """Against what the code makes (abstractly): init_params cast to the weight dtype,
+    quantize.quantize_params of them, model.init_cache."""
+    from mpt_jax import quantize
+    from mpt_jax.model import init_cache, init_params
+
+    cfg = MPTConfig(
+        d_model=64,
+        n_heads=4,
+        n_layers=2,
+        max_seq_len=64,
+        vocab_size=512,
+        attn_type="grouped_query_attention",
+        kv_n_heads=2,
+        tie_word_embeddings=False,
+        no_bias=False,
+        dtype="bfloat16",
+    )
+    abstract = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+
+    def cast(dtype):
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.dtype(dtype)), abstract)
+
+    for dtype in ("float32", "bfloat16"):
+        got = plan.inference_memory(cfg, batch=3, cache_len=48, weight_dtype=dtype)
+        cache = jax.eval_shape(lambda dtype=dtype: init_cache(cfg, 3, 48, dtype))
+        assert got["params"] == _nbytes(cast(dtype)) and got["scales"] == 0
+        assert got["cache"] == _nbytes(cache) == 2 * 2 * 3 * 48 * 2 * 16 * jnp.dtype(dtype).itemsize
+        assert got["total"] == got["params"] + got["cache"]
+    int8 = plan.inference_memory(cfg, batch=3, cache_len=48, weight_dtype="int8")
+    quantized = jax.eval_shape(lambda p: quantize.quantize_params(cfg, p), cast(cfg.dtype))
+    sizes = quantize.quantized_bytes(quantized)
+    assert int8["params"] == sizes["total"] and int8["scales"] == sizes["scales"] > 0
+    assert int8["cache"] == _nbytes(jax.eval_shape(lambda: init_cache(cfg, 3, 48)))  # the compute dtype
+    assert plan.inference_memory(cfg, batch=3, cache_len=48, weight_dtype="int8", cache_dtype="float32")["cache"] == (
+        2 * int8["cache"]
+    )
+    # Per device: the cache's rows split over data x fsdp when they divide, its kv heads over tensor.
+    whole = plan.inference_memory(cfg, batch=4, cache_len=48)["cache"]
+    assert plan.inference_memory(cfg, batch=4, cache_len=48, mesh_shape=(1, 2, 2))["cache"] == whole // 4
+    assert plan.inference_memory(cfg, batch=3, cache_len=48, mesh_shape=(1, 2, 2))["cache"] == 3 * whole // 4 // 2
+    with pytest.raises(ValueError, match="weight_dtype='int4'"):
+        plan.inference_memory(cfg, weight_dtype="int4")
+    with pytest.raises(ValueError, match="batch=0"):
+        plan.inference_memory(cfg, batch=0)
+
+
+def test_30b_serves_from_one_80gb_gpu_in_bf16_and_one_40gb_gpu_in_int8():
+    """MosaicML sized MPT-30B for this: with an 8k cache, 66.3 GiB in bfloat16 and 38.4 GiB in int8."""
+    cfg = model_config(_load("30b"))
+    bf16 = plan.inference_memory(cfg, batch=1, cache_len=8192, weight_dtype="bfloat16")
+    int8 = plan.inference_memory(cfg, batch=1, cache_len=8192, weight_dtype="int8")
+    cache = 2 * 48 * 8192 * 64 * 112 * 2  # k and v, bfloat16: 10.5 GiB
+    assert bf16["cache"] == int8["cache"] == cache
+    assert bf16["params"] == 2 * N_30B
+    norms = 2 * 48 * 7168 + 7168
+    channels = 48 * (3 * 7168 + 7168 + 4 * 7168 + 7168) + 50432  # Wqkv, out_proj, up, down outputs; wte rows
+    assert int8["scales"] == 4 * channels
+    assert int8["params"] == (N_30B - norms) + 2 * norms + 4 * channels
+    gib = 1024**3
+    assert 40 * gib < bf16["total"] < 80 * gib
+    assert 30 * gib < int8["total"] < 40 * gib
+    # tensor-parallel over 8: weights and cache split 8 ways (the norms and scales of d_model are not)
+    tp = plan.inference_memory(cfg, batch=1, cache_len=8192, weight_dtype="int8", mesh_shape=(1, 1, 8))
+    assert int8["total"] / 8 < tp["total"] < int8["total"] / 8 * 1.001
+
+
+def test_cli_prints_the_inference_table():
+    proc = _run(
+        [
+            "-m",
+            "mpt_jax.plan",
+            "--config=configs/30b.py",
+            "--inference",
+            "--cache_len=8192",
+            "--devices=1",
+            "--device_memory_gb=40",
+        ],
+        devices=1,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines() if line.startswith("  ")}
+    assert "KV cache of 1 row x 8192 positions; mesh (data, fsdp, tensor) = (1, 1, 1)" in proc.stdout
+    assert rows["bfloat16"][1:6] == ["55.80", "-", "10.50", "bfloat16", "66.30"] and rows["bfloat16"][6] == "no"
+    assert rows["int8"][4:6] == ["27.91", "0.01"] and rows["int8"][8] == "38.41" and rows["int8"][9] == "yes"

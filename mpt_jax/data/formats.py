@@ -27,29 +27,23 @@ from typing import Any
 
 import numpy as np
 
-from mpt_jax.data.tokenizer import IM_END, IM_START, Tokenizer
+from mpt_jax.data.tokenizer import Tokenizer
+
+# The prompt formats themselves live in mpt_jax.prompts (shared with generation and serving).
+from mpt_jax.prompts import (  # noqa: F401 - MPT_30B_CHAT_SYSTEM_PROMPT, TEMPLATES, render_chatml: re-exported
+    CHAT_ROLES,
+    IM_END,
+    IM_START,
+    MPT_30B_CHAT_SYSTEM_PROMPT,
+    TEMPLATES,
+    render_chatml,
+    resolve_template,
+)
 
 Example = dict[str, np.ndarray]
 
-_PREAMBLE = "Below is an instruction that describes a task. Write a response that appropriately completes the request."
-
-TEMPLATES: dict[str, str] = {
-    # llm-foundry's databricks_dolly_15k preprocessor (the MPT-7B-Instruct finetuning data); the model card prints
-    # the same text with single newlines, but the training code uses these "\n\n" separators.
-    "mpt-7b-instruct": _PREAMBLE + "\n\n### Instruction:\n{instruction}\n\n### Response:\n",
-    # Exactly as on the MPT-30B-Instruct card: no colons, no space in "###Instruction".
-    "mpt-30b-instruct": _PREAMBLE + "\n\n###Instruction\n{instruction}\n\n### Response\n",
-    "plain": "{instruction}",
-}
-
-# MPT-30B-Chat's default system prompt (model card / LF-2023 hf_chat.py).
-MPT_30B_CHAT_SYSTEM_PROMPT = (
-    "A conversation between a user and an LLM-based AI assistant. The assistant gives helpful and honest answers."
-)
-
 KINDS = ("pretrain", "instruction", "chat")
 OVERLONG_POLICIES = ("truncate", "drop")
-CHAT_ROLES = ("system", "user", "assistant")
 
 
 @dataclasses.dataclass
@@ -121,24 +115,6 @@ def _get_str(record: Any, key: str, what: str) -> str:
     if not isinstance(value, str):
         raise ValueError(f"{what} record: {key!r} must be a string, got {type(value).__name__}")
     return value
-
-
-def resolve_template(template: str) -> str:
-    """A template name from ``TEMPLATES``, or a literal format string with an ``{instruction}`` placeholder."""
-    if template in TEMPLATES:
-        return TEMPLATES[template]
-    if not isinstance(template, str) or "{instruction}" not in template:
-        raise ValueError(
-            f"unknown prompt template {template!r}: use one of {sorted(TEMPLATES)} "
-            "or a format string containing '{instruction}'"
-        )
-    try:
-        template.format(instruction="")
-    except (KeyError, IndexError, ValueError) as e:
-        raise ValueError(
-            f"prompt template {template!r} is not a valid format string with only {{instruction}} ({e})"
-        ) from None
-    return template
 
 
 def _chatml_ids(tok: Tokenizer) -> tuple[int, int]:
@@ -263,13 +239,6 @@ def instruction_example(
     tokens = prompt_ids + response_ids
     mask = [0] * len(prompt_ids) + [1] * len(response_ids)
     return _finish(tokens, mask, max_len=max_len, overlong=overlong, stats=stats)
-
-
-def render_chatml(messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool = False) -> str:
-    """The ChatML text: ``<|im_start|>{role}\\n{content}<|im_end|>\\n`` per message (llm-foundry's default chat
-    template, MPT-7B/30B-Chat); with ``add_generation_prompt``, ``<|im_start|>assistant\\n`` is appended (inference)."""
-    text = "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages)
-    return text + (f"{IM_START}assistant\n" if add_generation_prompt else "")
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:

@@ -38,6 +38,7 @@ from mpt_jax.data import formats, sources
 from mpt_jax.data.tokenizer import Tokenizer, load_tokenizer, train_bpe
 from mpt_jax.files import read_json
 
+MAX_DROPPED_IN_A_ROW = 2000  # records without an example before a source counts as unusable
 FEATURES = ("tokens", "segment_ids", "positions", "loss_mask")
 PACKINGS = ("concat", "first_fit")
 FORMATS = ("pretrain", "instruction", "chat", "packed")
@@ -407,14 +408,30 @@ class _Format:
 
 
 class _Collect:
-    """Main-process filter: adds each record's stats to the pipeline's, keeps real examples."""
+    """Main-process filter: adds each record's stats to the pipeline's, keeps real examples.
 
-    def __init__(self, stats: formats.FormatStats):
-        self.stats = stats
+    A source whose records all come out empty (e.g. chat turns truncated to no target at a short
+    seq_len) would make the packer wait forever: after ``MAX_DROPPED_IN_A_ROW`` records in a row
+    without an example it is an error naming the source and what happened to its records."""
+
+    def __init__(self, stats: formats.FormatStats, source: str):
+        self.stats, self.source = stats, source
+        self.dropped_in_a_row = 0
+        self.seen = formats.FormatStats()
 
     def __call__(self, item: tuple[dict | None, formats.FormatStats]) -> bool:
         self.stats.update(item[1])
-        return item[0] is not None
+        self.seen.update(item[1])
+        if item[0] is not None:
+            self.dropped_in_a_row = 0
+            return True
+        self.dropped_in_a_row += 1
+        if self.dropped_in_a_row >= MAX_DROPPED_IN_A_ROW:
+            raise ValueError(
+                f"data source {self.source!r}: {self.dropped_in_a_row} records in a row gave no training example "
+                f"({self.seen.summary()}); check config.train.seq_len, data.overlong and the records' format"
+            )
+        return False
 
 
 def _example(item: tuple[dict | None, formats.FormatStats]) -> dict:
@@ -474,7 +491,7 @@ def packed_rows(
         it = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
         if cfg.num_workers:
             it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
-        it = it.filter(_Collect(stats)).map(_example)
+        it = it.filter(_Collect(stats, source.source)).map(_example)
         if source.format != "packed":
             it = _pack(it, cfg, seq_len, seed)
             if shuffle and cfg.shuffle_rows > 1:
