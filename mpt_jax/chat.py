@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable
 from typing import TextIO
 
-from mpt_jax.generate import Generator
+from mpt_jax.generate import Generator, define_model_and_sampling_flags, sampling_from_flags
 from mpt_jax.prompts import PromptFormat, render_chat, stop_token_ids
 
 COMMANDS = {"/reset": "forget the conversation", "/exit": "leave"}
@@ -114,19 +114,9 @@ def run(chat: Chat, stdin: TextIO, stdout: TextIO, *, interactive: bool) -> None
 def _define_flags() -> None:
     from absl import flags
 
-    flags.DEFINE_string("model", None, "a training workdir, an mpt-jax checkpoint, an HF folder or a hub id")
+    define_model_and_sampling_flags(temperature=0.7, top_p=0.95, max_new_tokens=256)
     flags.DEFINE_string("system", None, "a system message")
     flags.DEFINE_string("format", None, "chatml or chat_template (default: from the tokenizer)")
-    flags.DEFINE_integer("max_new_tokens", 256, "longest reply, in tokens")
-    flags.DEFINE_float("temperature", 0.7, "0: greedy")
-    flags.DEFINE_integer("top_k", 0, "keep the k most likely tokens (0: off)")
-    flags.DEFINE_float("top_p", 0.95, "nucleus sampling (1: off)")
-    flags.DEFINE_float("min_p", 0.0, "min-p sampling (0: off)")
-    flags.DEFINE_float("repetition_penalty", 1.0, "1: off")
-    flags.DEFINE_integer("seed", 0, "sampling seed")
-    flags.DEFINE_integer("max_seq_len", None, "context length (ALiBi/RoPE models may go past training length)")
-    flags.DEFINE_enum("quantize", None, ["int8"], "weight-only int8")
-    flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "params and compute dtype (default: as stored)")
 
 
 def main(argv) -> None:
@@ -145,12 +135,7 @@ def main(argv) -> None:
         prompt_format(tokenizer, f.format),
         system=f.system,
         max_new_tokens=f.max_new_tokens,
-        temperature=f.temperature,
-        top_k=f.top_k,
-        top_p=f.top_p,
-        min_p=f.min_p,
-        repetition_penalty=f.repetition_penalty,
-        seed=f.seed,
+        **sampling_from_flags(),
     )
     run(chat, sys.stdin, sys.stdout, interactive=sys.stdin.isatty())
 

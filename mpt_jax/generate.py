@@ -2,7 +2,7 @@
 
     python -m mpt_jax.generate --model=PATH_OR_HUB --prompt="def fib(n):" [--max_new_tokens=64
         --temperature=0 --top_k= --top_p= --min_p= --repetition_penalty= --seed= --stop= --max_seq_len=
-        --quantize=int8 --dtype=bfloat16 --truncate=left --logprobs]
+        --quantize=int8 --dtype=bfloat16 --truncate=left --logprobs --format=mpt-7b-instruct]
 
 ``Engine`` holds a cache of ``rows`` rows of ``cache_len`` positions. A request is *inserted* into
 free rows (its prompt prefilled with the training attention, any ``attn_impl``, then copied into
@@ -92,12 +92,33 @@ class Engine:
         def prefill(params, tokens, lengths):
             cache = init_cache(cfg, tokens.shape[0], tokens.shape[1], dtype)
             zeros = jnp.zeros((tokens.shape[0],), jnp.int32)
-            logits, cache = model.apply({"params": params}, tokens, cache=cache, cache_positions=zeros, prefill=True)
-            last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
-            return last, cache
+            logits, cache = model.apply(
+                {"params": params},
+                tokens,
+                cache=cache,
+                cache_positions=zeros,
+                prefill=True,
+                logit_positions=(lengths - 1)[:, None],
+            )
+            return logits[:, 0], cache
 
-        def insert(cache, chunk, rows_):
-            return jax.tree.map(lambda c, u: c.at[:, rows_, : u.shape[2]].set(u.astype(c.dtype)), cache, chunk)
+        def admit(state, chunk, last, rows_, lengths, prompt_context, seeds, sampling):
+            """The prefilled rows join: their cache, context, position, key and settings, and their
+            first token sampled from the last prompt position's logits."""
+            cache, context, positions, keys, all_sampling, next_tokens = state
+            cache = jax.tree.map(lambda c, u: c.at[:, rows_, : u.shape[2]].set(u.astype(c.dtype)), cache, chunk)
+            new_keys = jax.random.key_data(jax.vmap(jax.random.key)(seeds))
+            tok, logp = draw(last, sampling, new_keys, lengths, prompt_context)
+            prompt_context = prompt_context.at[jnp.arange(rows_.shape[0]), lengths].set(tok)
+            state = (
+                cache,
+                context.at[rows_].set(prompt_context),
+                positions.at[rows_].set(lengths),
+                keys.at[rows_].set(new_keys),
+                jax.tree.map(lambda a, b: a.at[rows_].set(b), all_sampling, sampling),
+                next_tokens.at[rows_].set(tok),
+            )
+            return state, tok, logp
 
         def decode(params, cache, tokens, positions, context, sampling, keys):
             """One fused step: feed each row its pending token, sample the next, record it."""
@@ -114,9 +135,8 @@ class Engine:
             return sample(logits, sampling, row_keys, context=context, context_mask=mask)
 
         self._prefill = jax.jit(prefill)
-        self._insert = jax.jit(insert, donate_argnums=(0,))
+        self._admit = jax.jit(admit, donate_argnums=(0,))
         self._decode = jax.jit(decode, donate_argnums=(1, 4))
-        self._draw = jax.jit(draw)
 
     def _context(self):
         """Under a mesh: the mesh and the logical rules (the model's constraints need both)."""
@@ -150,23 +170,17 @@ class Engine:
         lens = np.asarray([lengths[j] for j in order], np.int32)
         with self._context():
             last, chunk = self._prefill(self.params, jnp.asarray(tokens), jnp.asarray(lens))
-            self.cache = self._insert(self.cache, chunk, jnp.asarray(row_ids))
-        ridx = jnp.asarray(row_ids[:n])
-        context = np.zeros((n, self.cache_len), np.int32)
-        context[:, :width] = tokens[:n]
-        self.context = self.context.at[ridx].set(jnp.asarray(context))
-        self.positions = self.positions.at[ridx].set(jnp.asarray(lens[:n]))
-        keys = jax.random.key_data(jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32)))
-        self.keys = self.keys.at[ridx].set(keys)
-        self.sampling = jax.tree.map(lambda all_, new: all_.at[ridx].set(new), self.sampling, sampling)
-        tok, logp = self._draw(last[:n], sampling, keys, self.positions[ridx], self.context[ridx])
-        self._accept(ridx, tok)
-        return np.asarray(tok), np.asarray(logp)
-
-    def _accept(self, rows: jax.Array, tokens: jax.Array) -> None:
-        """The sampled tokens become the rows' next input and part of their context."""
-        self.next_tokens = self.next_tokens.at[rows].set(tokens)
-        self.context = self.context.at[rows, self.positions[rows]].set(tokens)
+        context = np.zeros((count, self.cache_len), np.int32)
+        context[:, :width] = tokens
+        padded = jax.tree.map(lambda x: x[np.asarray(order)], sampling)
+        seed_ids = np.asarray([seeds[j] for j in order], np.uint32)
+        state = (self.cache, self.context, self.positions, self.keys, self.sampling, self.next_tokens)
+        with self._context():
+            state, tok, logp = self._admit(
+                state, chunk, last, jnp.asarray(row_ids), jnp.asarray(lens), jnp.asarray(context), seed_ids, padded
+            )
+        self.cache, self.context, self.positions, self.keys, self.sampling, self.next_tokens = state
+        return np.asarray(tok)[:n], np.asarray(logp)[:n]
 
     def step(self) -> tuple[np.ndarray, np.ndarray]:
         """Feeds every row its pending token and samples the next: (tokens, logprobs), [rows] each.
@@ -453,28 +467,48 @@ def _first_stop(text: str, stops: Sequence[str]) -> int | None:
 # The CLI.
 
 
-def _define_flags() -> None:
+SAMPLING_FLAGS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
+
+
+def define_model_and_sampling_flags(*, temperature: float, top_p: float, max_new_tokens: int) -> None:
+    """The flags generate and chat share: the model, how it is loaded, and how it samples."""
     from absl import flags
 
     flags.DEFINE_string("model", None, "a training workdir, an mpt-jax checkpoint, an HF folder or a hub id")
-    flags.DEFINE_string("prompt", None, "the prompt text")
-    flags.DEFINE_string("prompts", None, "a file of prompts, one per line (a batch)")
-    flags.DEFINE_integer("max_new_tokens", 64, "tokens to generate per prompt")
-    flags.DEFINE_float("temperature", 1.0, "0: greedy (as the OpenAI API)")
+    flags.DEFINE_integer("max_new_tokens", max_new_tokens, "tokens to generate per prompt (reply)")
+    flags.DEFINE_float("temperature", temperature, "0: greedy (as the OpenAI API)")
     flags.DEFINE_integer("top_k", 0, "keep the k most likely tokens (0: off)")
-    flags.DEFINE_float("top_p", 1.0, "nucleus sampling (1: off)")
+    flags.DEFINE_float("top_p", top_p, "nucleus sampling (1: off)")
     flags.DEFINE_float("min_p", 0.0, "drop tokens below min_p x the top probability (0: off)")
     flags.DEFINE_float("repetition_penalty", 1.0, "transformers' repetition penalty (1: off)")
     flags.DEFINE_integer("seed", 0, "sampling seed: the same seed gives the same tokens")
-    flags.DEFINE_multi_string("stop", [], "a stop string (repeatable)")
-    flags.DEFINE_multi_integer("stop_token_id", [], "a stop token id (repeatable; default: end of text)")
     flags.DEFINE_integer("max_seq_len", None, "context length (ALiBi/RoPE models may go past training length)")
-    flags.DEFINE_integer("max_batch", 8, "rows decoded at once")
     flags.DEFINE_enum("quantize", None, ["int8"], "weight-only int8")
     flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "params and compute dtype (default: as stored)")
+
+
+def sampling_from_flags() -> dict[str, Any]:
+    from absl import flags
+
+    return {name: flags.FLAGS[name].value for name in SAMPLING_FLAGS}
+
+
+def _define_flags() -> None:
+    from absl import flags
+
+    define_model_and_sampling_flags(temperature=1.0, top_p=1.0, max_new_tokens=64)
+    flags.DEFINE_string("prompt", None, "the prompt text")
+    flags.DEFINE_string("prompts", None, "a file of prompts, one per line (a batch)")
+    flags.DEFINE_multi_string("stop", [], "a stop string (repeatable)")
+    flags.DEFINE_multi_integer("stop_token_id", [], "a stop token id (repeatable; default: end of text)")
+    flags.DEFINE_integer("max_batch", 8, "rows decoded at once")
     flags.DEFINE_enum("truncate", None, ["left"], "cut over-long prompts from the left instead of failing")
     flags.DEFINE_integer("step", None, "a training workdir's checkpoint step (default: newest)")
     flags.DEFINE_bool("logprobs", False, "print each generated token's log-probability after the text")
+    flags.DEFINE_string(
+        "format", None, "wrap each prompt as a user message: chatml, chat_template, mpt-7b-instruct, mpt-30b-instruct"
+    )
+    flags.DEFINE_string("system", None, "with --format=chatml/chat_template: a system message")
 
 
 def main(argv) -> None:
@@ -494,17 +528,20 @@ def main(argv) -> None:
     else:
         prompts = [f.prompt]
     cfg, params, tokenizer = load(f.model, dtype=f.dtype, quantize=f.quantize, max_seq_len=f.max_seq_len, step=f.step)
+    stop_ids = f.stop_token_id or None
+    if f.format:  # the model's prompt format around each prompt, and its end-of-turn tokens
+        from mpt_jax.prompts import prompt_format, render_chat, stop_token_ids
+
+        fmt = prompt_format(tokenizer, f.format)
+        prompts = [render_chat([{"role": "user", "content": p}], fmt, tokenizer, system=f.system) for p in prompts]
+        if stop_ids is None and tokenizer is not None:
+            stop_ids = stop_token_ids(fmt, tokenizer)
     gen = Generator(cfg, params, tokenizer, max_batch=f.max_batch)
     kwargs = dict(
         max_new_tokens=f.max_new_tokens,
-        temperature=f.temperature,
-        top_k=f.top_k,
-        top_p=f.top_p,
-        min_p=f.min_p,
-        repetition_penalty=f.repetition_penalty,
-        seed=f.seed,
+        **sampling_from_flags(),
         stop=f.stop or None,
-        stop_token_ids=f.stop_token_id or None,
+        stop_token_ids=stop_ids,
         truncate=f.truncate,
     )
     if len(prompts) == 1:  # stream to stdout as tokens arrive

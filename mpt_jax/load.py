@@ -116,23 +116,28 @@ def load(
         cfg = MPTConfig.from_hf(where)
     cfg = with_max_seq_len(cfg, max_seq_len)
 
+    rules = None if rules is None else tuple(rules)
     shardings = None
-    if mesh is not None:
+    if mesh is not None and quantize is None:
         from mpt_jax import sharding
 
-        shardings = sharding.param_shardings(cfg, mesh, sharding.DEFAULT_RULES if rules is None else tuple(rules))
+        shardings = sharding.param_shardings(cfg, mesh, rules or sharding.DEFAULT_RULES)
     if kind == "model":
         _, params = checkpoint.load_model(where, shardings=shardings, dtype=dtype)
     else:
         _, params = checkpoint.load_params_any(where, dtype=dtype, step=step)
-    params = jax.device_put(params, shardings) if shardings is not None else jax.device_put(params)
     compute = dtype or _stored_dtype(params)
     if compute is not None:
         cfg = dataclasses.replace(cfg, dtype=compute, param_dtype=compute)
-    if quantize == "int8":
+    if quantize == "int8":  # on the host, leaf by leaf: the devices only ever hold the int8 weights
         from mpt_jax.quantize import quantize_params  # only when asked: int8 is its own module
 
         params = quantize_params(cfg, params)
+        if mesh is not None:
+            from mpt_jax import sharding
+
+            shardings = sharding.quantized_param_shardings(cfg, mesh, rules or sharding.DEFAULT_RULES)
+    params = jax.device_put(params, shardings) if shardings is not None else jax.device_put(params)
 
     tokenizer, origin = checkpoint.find_tokenizer(kind, where, run=run)
     if tokenizer is None:

@@ -324,7 +324,8 @@ class MPT(nn.Module):
     means the tokens start their rows: they attend among themselves with the training attention
     (any ``attn_impl``); otherwise they attend to each row's cache up to their own position.
     Positions (RoPE, ALiBi, learned) count from the start of the row, so an ALiBi model decodes
-    past ``max_seq_len`` when the cache is longer.
+    past ``max_seq_len`` when the cache is longer. ``logit_positions`` (int [batch, k]) computes
+    logits only there (a prefill needs the last prompt position's, not a [length, vocab] block).
     """
 
     cfg: MPTConfig
@@ -340,6 +341,7 @@ class MPT(nn.Module):
         cache: Cache | None = None,
         cache_positions: jax.Array | None = None,
         prefill: bool = False,
+        logit_positions: jax.Array | None = None,
     ) -> jax.Array | tuple[jax.Array, Cache]:
         cfg = self.cfg
         if tokens.ndim != 2:
@@ -382,6 +384,8 @@ class MPT(nn.Module):
         )
         x, cache = blocks(cfg, deterministic, prefill, name="blocks")(x, segment_ids, positions, cache, cache_positions)
 
+        if logit_positions is not None:  # only the rows' positions whose next token is wanted
+            x = jnp.take_along_axis(x, logit_positions.astype(jnp.int32)[..., None], axis=1)
         h = Norm(cfg, (cfg.d_model,), ("embed",), name="norm_f")(x)
         if cfg.tie_word_embeddings:
             logits = wte.attend(h)

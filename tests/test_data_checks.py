@@ -286,7 +286,13 @@ def test_a_source_whose_records_all_come_out_empty_is_an_error(tmp_path, stdlib_
             msgs = [{"role": "user", "content": long + str(i)}, {"role": "assistant", "content": "ok"}]
             f.write(json.dumps({"messages": msgs}) + "\n")
     cfg = DataConfig.from_config(
-        {"source": f"files:{path}", "format": "chat", "packing": "first_fit", "data_dir": stdlib_data_dir, "shuffle": False}
+        {
+            "source": f"files:{path}",
+            "format": "chat",
+            "packing": "first_fit",
+            "data_dir": stdlib_data_dir,
+            "shuffle": False,
+        }
     )
     tok = get_tokenizer(cfg)
     rows = packed_rows(cfg, tok, split="train", seq_len=16, seed=0)

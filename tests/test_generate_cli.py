@@ -73,6 +73,19 @@ def test_generate_cli_batch_file_and_bad_input(model_dir, tmp_path):
     assert missing.returncode != 0 and "no such" in missing.stderr
 
 
+def test_generate_cli_wraps_prompts_in_a_format(model_dir):
+    """--format=chatml renders the prompt as a ChatML user turn (the output continues that prompt)."""
+    from mpt_jax.load import load
+    from mpt_jax.prompts import prompt_format, render_chat
+
+    args = ["mpt_jax.generate", f"--model={model_dir}", "--prompt=hi", "--temperature=0", "--max_new_tokens=6"]
+    out = _cli([*args, "--format=chatml", "--system=S"])
+    cfg, params, tok = load(model_dir)
+    text = render_chat([{"role": "user", "content": "hi"}], prompt_format(tok, "chatml"), tok, system="S")
+    want = Generator(cfg, params, tok).generate([text], max_new_tokens=6, temperature=0.0)[0].text
+    assert out.stdout == want + "\n"
+
+
 def test_chat_cli_through_stdin(model_dir):
     """Two turns, a reset and an exit through stdin: each reply is printed after 'assistant> '."""
     out = _cli(

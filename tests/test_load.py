@@ -350,6 +350,14 @@ for path in sys.argv[1:]:
         np.testing.assert_array_equal(np.asarray(leaf), np.asarray(ref[name]))
     assert split >= 4, split
     assert tok is not None
+    from mpt_jax.sharding import quantized_param_shardings
+    qcfg, q, _ = mpt_jax.load(path, mesh=mesh, quantize="int8")
+    qwant = dict(flat_params(quantized_param_shardings(qcfg, mesh)))
+    _, qref, _ = mpt_jax.load(path, quantize="int8")
+    qref = dict(flat_params(qref))
+    for name, leaf in flat_params(q):
+        assert leaf.sharding.is_equivalent_to(qwant[name], leaf.ndim), (name, leaf.sharding, qwant[name])
+        np.testing.assert_array_equal(np.asarray(leaf), np.asarray(qref[name]))
     print("ok", path, split)
 """
 
