@@ -221,7 +221,6 @@ class Attention(nn.Module):
         if cache is not None:
             row_positions = row_positions + cache_positions[:, None].astype(jnp.int32)
             total = cache_positions.astype(jnp.int32) + length
-            positions = row_positions if positions is None else positions
         if cfg.uses_temperature_tuning:  # Llama 4's attention temperature, by position in the document
             pos = (row_positions if positions is None else positions).astype(jnp.float32)
             floor = jnp.floor((pos + 1.0) / cfg.attn_temperature_floor_scale)

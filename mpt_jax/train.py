@@ -147,6 +147,7 @@ class Trainer:
         self.state_shardings = sharding.state_shardings(self.cfg, self.optimizer, self.mesh, self.rules)
         self.is_main = jax.process_index() == 0
         self.writer: metrics.MetricsWriter | None = None  # opened by run, once the checks have passed
+        self._eval_data = None  # the held-out batches, built at the first eval
         self.flops_per_token = metrics.flops_per_token(self.cfg, self.seq_len)
         self.peak = metrics.peak_flops_per_device(override=t.peak_flops or None)
         self.format_stats = formats.FormatStats()
@@ -192,7 +193,7 @@ class Trainer:
 
     def _eval(self, params, eval_fn) -> dict[str, float]:
         """Loss on the first eval_batches batches of the held-out split (the same ones every time)."""
-        if getattr(self, "_eval_data", None) is None:  # built once: indexing files is a pass over them
+        if self._eval_data is None:  # built once: indexing files is a pass over them
             self._eval_data = self._dataset("validation", train=False)
         it = iter(self._eval_data)  # a fresh iterator starts at the first batch
         loss_sum = tokens = 0.0

@@ -7,33 +7,24 @@ fresh train state, without running the data pipeline; the slow test converts a r
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 from hf_utils import hf_logits, random_hf_model, safetensors_dict
+from workdir_utils import make_workdir, train_tiny
 
-from mpt_jax import MPT, MPTConfig, checkpoint, optim, steps
+from mpt_jax import MPT, MPTConfig, checkpoint
 from mpt_jax import convert as convert_cli
 from mpt_jax.data.formats import render_chatml
 from mpt_jax.data.tokenizer import Tokenizer, load_tokenizer, train_bpe
-from mpt_jax.run_config import base_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = MPTConfig(d_model=32, n_heads=4, n_layers=2, max_seq_len=16, vocab_size=320)
 TEXTS = ["def add(a, b):\n    return a + b\n", "import os\nprint(os.getcwd())\n", "class A:\n    pass\n"] * 20
-
-
-class _DataPosition:
-    """What TrainCheckpoints.save asks of the data iterator."""
-
-    def global_state(self) -> dict:
-        return {"position": 0}
 
 
 @pytest.fixture(scope="module")
@@ -41,26 +32,6 @@ def tokenizer_file(tmp_path_factory) -> str:
     path = str(tmp_path_factory.mktemp("tok") / "tokenizer.json")
     train_bpe(TEXTS, 300).save(path)
     return path
-
-
-def make_workdir(path, tokenizer: str, *, chat: bool = False, at=(1, 2), data_dir: str | None = None) -> dict:
-    """A training workdir with checkpoints at steps ``at`` (different params each); returns {step: params}."""
-    config = base_config()
-    config.model = CFG.to_config_dict()
-    config.data.tokenizer = tokenizer
-    config.data.data_dir = data_dir
-    if chat:
-        config.data.format = "chat"
-        config.data.text_field = None
-    optimizer = optim.make_optimizer(config.optimizer, config.schedule, max_steps=config.train.max_steps)
-    ckpts = checkpoint.TrainCheckpoints(os.path.join(path, "checkpoints"), async_save=False)
-    saved = {}
-    for step in at:
-        state = steps.init_state(CFG, optimizer, jax.random.key(step))
-        ckpts.save(step, state, _DataPosition(), json.loads(config.to_json_best_effort()))
-        saved[step] = jax.tree.map(np.asarray, state["params"])
-    ckpts.close()
-    return saved
 
 
 def our_logits(params, tokens):
@@ -78,7 +49,7 @@ def listing(folder) -> list[str]:
 def test_workdir_to_hf_loads_in_transformers_with_our_logits_and_tokenizer(tmp_path, tokenizer_file):
     from transformers import AutoTokenizer, MptForCausalLM
 
-    saved = make_workdir(tmp_path / "run", tokenizer_file)
+    saved = make_workdir(tmp_path / "run", CFG, tokenizer_file)
     dst = str(tmp_path / "hf")
     assert convert_cli.main(["jax_to_hf", str(tmp_path / "run"), dst]) == 0
     model = MptForCausalLM.from_pretrained(dst).eval()
@@ -93,7 +64,7 @@ def test_workdir_to_hf_loads_in_transformers_with_our_logits_and_tokenizer(tmp_p
 
 
 def test_step_picks_the_checkpoint_and_a_missing_step_lists_the_steps(tmp_path, tokenizer_file, capsys):
-    saved = make_workdir(tmp_path / "run", tokenizer_file)
+    saved = make_workdir(tmp_path / "run", CFG, tokenizer_file)
     dst = str(tmp_path / "hf1")
     assert convert_cli.main(["jax_to_hf", str(tmp_path / "run"), dst, "--step=1"]) == 0
     got = safetensors_dict(dst)["transformer.norm_f.weight"]
@@ -109,7 +80,7 @@ def test_step_picks_the_checkpoint_and_a_missing_step_lists_the_steps(tmp_path, 
 def test_chat_run_carries_chatml_tokens_and_template(tmp_path, tokenizer_file):
     from transformers import AutoTokenizer
 
-    make_workdir(tmp_path / "run", tokenizer_file, chat=True, at=(1,))
+    make_workdir(tmp_path / "run", CFG, tokenizer_file, chat=True, at=(1,))
     dst = str(tmp_path / "hf")
     assert convert_cli.main(["jax_to_hf", str(tmp_path / "run"), dst]) == 0
     hf_tok = AutoTokenizer.from_pretrained(dst)
@@ -125,7 +96,7 @@ def test_chat_run_carries_chatml_tokens_and_template(tmp_path, tokenizer_file):
 
 
 def test_uncached_stdlib_bpe_converts_without_a_tokenizer_and_says_so(tmp_path, caplog):
-    make_workdir(tmp_path / "run", "stdlib-bpe", at=(1,), data_dir=str(tmp_path / "empty"))
+    make_workdir(tmp_path / "run", CFG, "stdlib-bpe", at=(1,), data_dir=str(tmp_path / "empty"))
     dst = str(tmp_path / "hf")
     assert convert_cli.main(["jax_to_hf", str(tmp_path / "run"), dst]) == 0
     assert "config.json" in listing(dst) and "tokenizer.json" not in listing(dst)
@@ -154,7 +125,7 @@ def test_sources_that_are_not_mpt_jax_are_named(tmp_path, capsys):
 def test_existing_dst_is_refused_before_anything_loads(tmp_path, tokenizer_file, monkeypatch, capsys):
     import mpt_jax.hf
 
-    make_workdir(tmp_path / "run", tokenizer_file, at=(1,))
+    make_workdir(tmp_path / "run", CFG, tokenizer_file, at=(1,))
     (tmp_path / "hf").mkdir()
     (tmp_path / "hf" / "keep.txt").write_text("mine")
 
@@ -182,7 +153,7 @@ def _no_temporaries(folder) -> bool:
 def test_a_failure_while_writing_the_tokenizer_leaves_dst_absent_or_as_it_was(tmp_path, tokenizer_file, monkeypatch):
     """The tokenizer is written inside the temporary folder: a failure there leaves no DST, and an
     existing DST (--overwrite) untouched."""
-    make_workdir(tmp_path / "run", tokenizer_file, at=(1,))
+    make_workdir(tmp_path / "run", CFG, tokenizer_file, at=(1,))
 
     def disk_full(self, folder):
         with open(os.path.join(folder, "tokenizer.json"), "w") as f:
@@ -228,7 +199,7 @@ def _convert(*args) -> subprocess.CompletedProcess:
 
 
 def test_cli_logs_only_its_own_lines(tmp_path, tokenizer_file):
-    make_workdir(tmp_path / "run", tokenizer_file, at=(1,))
+    make_workdir(tmp_path / "run", CFG, tokenizer_file, at=(1,))
     random_hf_model(seed=0, d_model=32, n_heads=4, n_layers=2, max_seq_len=16, vocab_size=50).save_pretrained(
         tmp_path / "src"
     )
@@ -251,24 +222,16 @@ def test_a_real_training_run_converts_and_matches(tmp_path, stdlib_data_dir):
     from transformers import AutoTokenizer, MptForCausalLM
 
     workdir = str(tmp_path / "run")
-    train = [
-        sys.executable,
-        "-m",
-        "mpt_jax.train",
-        "--config=configs/tiny.py",
-        f"--workdir={workdir}",
-        f"--config.data.data_dir={stdlib_data_dir}",
+    train_tiny(
+        workdir,
+        stdlib_data_dir,
         "--config.model.d_model=64",
         "--config.model.n_layers=2",
         "--config.train.max_steps=2",
         "--config.train.global_batch_size=2",
         "--config.train.seq_len=32",
-        "--config.train.eval_every=0",
-        "--config.train.progress=False",
         "--config.schedule.t_warmup=1",
-    ]
-    done = subprocess.run(train, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
+    )
     done = _convert("jax_to_hf", workdir, str(tmp_path / "hf"))
     assert done.returncode == 0, done.stderr[-3000:]
     cfg, params = checkpoint.load_params_any(workdir)

@@ -17,9 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from workdir_utils import make_workdir
 
 import mpt_jax
-from mpt_jax import MPT, MPTConfig, checkpoint, optim, steps
+from mpt_jax import MPT, MPTConfig, checkpoint
 from mpt_jax import convert as convert_cli
 from mpt_jax.data.tokenizer import IM_END, IM_START, Tokenizer, load_tokenizer, train_bpe
 from mpt_jax.hf import save_hf
@@ -38,11 +39,6 @@ def init_params(cfg: MPTConfig, seed: int) -> dict:
     return jax.tree.map(np.asarray, nn.meta.unbox(boxed))
 
 
-class _DataPosition:
-    def global_state(self) -> dict:
-        return {"position": 0}
-
-
 @pytest.fixture(scope="module")
 def tok() -> Tokenizer:
     return train_bpe(TEXTS, 300, name="test-bpe")
@@ -58,25 +54,6 @@ def hf_folder(tmp_path_factory, tok, params) -> str:
     folder = str(tmp_path_factory.mktemp("hf") / "model")
     save_hf(CFG, params, folder, tokenizer=tok)
     return folder
-
-
-def make_workdir(path, tokenizer_file: str, *, at=(1, 2), with_tokenizer: Tokenizer | None = None) -> dict:
-    """A training workdir with checkpoints at ``at`` (different params each), as TrainCheckpoints writes them;
-    ``with_tokenizer`` also writes ``tokenizer/`` as a training run does when it starts."""
-    config = base_config()
-    config.model = CFG.to_config_dict()
-    config.data.tokenizer = tokenizer_file
-    optimizer = optim.make_optimizer(config.optimizer, config.schedule, max_steps=config.train.max_steps)
-    ckpts = checkpoint.TrainCheckpoints(os.path.join(path, "checkpoints"), async_save=False)
-    saved = {}
-    for step in at:
-        state = steps.init_state(CFG, optimizer, jax.random.key(step))
-        ckpts.save(step, state, _DataPosition(), json.loads(config.to_json_best_effort()))
-        saved[step] = jax.tree.map(np.asarray, state["params"])
-    ckpts.close()
-    if with_tokenizer is not None:
-        with_tokenizer.save_pretrained(os.path.join(path, checkpoint.TOKENIZER_DIR))
-    return saved
 
 
 def assert_params_equal(got, want) -> None:
@@ -171,7 +148,7 @@ def test_save_model_writes_the_tokenizer_inside_the_checkpoint(tmp_path, tok, pa
 def test_workdir_loads_newest_or_step_with_its_tokenizer(tmp_path, tok):
     tokenizer_file = str(tmp_path / "tokenizer.json")
     tok.save(tokenizer_file)
-    saved = make_workdir(tmp_path / "run", tokenizer_file, with_tokenizer=tok.with_chatml())
+    saved = make_workdir(tmp_path / "run", CFG, tokenizer_file, with_tokenizer=tok.with_chatml())
     cfg, got, tokenizer = mpt_jax.load(str(tmp_path / "run"))
     assert cfg == CFG
     assert_params_equal(got, saved[2])
@@ -185,7 +162,7 @@ def test_workdir_loads_newest_or_step_with_its_tokenizer(tmp_path, tok):
 def test_an_older_workdir_falls_back_to_its_data_config_or_none(tmp_path, tok, caplog):
     tokenizer_file = str(tmp_path / "tokenizer.json")
     tok.save(tokenizer_file)
-    make_workdir(tmp_path / "run", tokenizer_file, at=(1,))
+    make_workdir(tmp_path / "run", CFG, tokenizer_file, at=(1,))
     _, _, tokenizer = mpt_jax.load(str(tmp_path / "run"))
     assert tokenizer.encode(SAMPLE) == tok.encode(SAMPLE) and tokenizer.chat_template is None
     os.remove(tokenizer_file)

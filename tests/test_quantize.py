@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from workdir_utils import train_tiny
 
 from mpt_jax import quantize
 from mpt_jax.config import MPTConfig
@@ -405,23 +406,15 @@ def test_perplexity_of_a_trained_tiny_model_barely_changes(tmp_path, stdlib_data
     from mpt_jax.data.pipeline import DataConfig, get_tokenizer, make_dataset
 
     workdir = str(tmp_path / "run")
-    train = [
-        sys.executable,
-        "-m",
-        "mpt_jax.train",
-        "--config=configs/tiny.py",
-        f"--workdir={workdir}",
-        f"--config.data.data_dir={stdlib_data_dir}",
+    train_tiny(
+        workdir,
+        stdlib_data_dir,
         "--config.train.max_steps=60",
         "--config.train.global_batch_size=8",
         "--config.train.seq_len=64",
-        "--config.train.eval_every=0",
-        "--config.train.progress=False",
         "--config.schedule.t_warmup=6",
         "--config.checkpoint.every_steps=0",
-    ]
-    done = subprocess.run(train, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-3000:]
+    )
     cfg, params = checkpoint.load_params_any(workdir)
 
     spec = importlib.util.spec_from_file_location("tiny_config", os.path.join(ROOT, "configs", "tiny.py"))

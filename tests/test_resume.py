@@ -293,19 +293,24 @@ def test_changed_max_steps_on_resume_warns_with_both_lrs(base, stdlib_data_dir, 
     )
 
 
-def test_summary_after_sigterm_shows_the_last_step(base, stdlib_data_dir, tmp_path, monkeypatch):
-    """SIGTERM while step 3 runs (log_every=2: step 3 is not a logged step): the run saves step 3,
-    stops, and returns step 3's loss, the same bits as the uninterrupted run's step 3."""
-    calls = []
+def sigterm_while_step_runs(monkeypatch, step: int) -> None:
+    """SIGTERM to this process as the batch of ``step`` is handed to the train step."""
     real = train.to_global_arrays
+    calls = []
 
     def to_global_arrays(batch, sharding):
         calls.append(1)
-        if len(calls) == 3:
+        if len(calls) == step:
             os.kill(os.getpid(), signal.SIGTERM)
         return real(batch, sharding)
 
     monkeypatch.setattr(train, "to_global_arrays", to_global_arrays)
+
+
+def test_summary_after_sigterm_shows_the_last_step(base, stdlib_data_dir, tmp_path, monkeypatch):
+    """SIGTERM while step 3 runs (log_every=2: step 3 is not a logged step): the run saves step 3,
+    stops, and returns step 3's loss, the same bits as the uninterrupted run's step 3."""
+    sigterm_while_step_runs(monkeypatch, 3)
     workdir = str(tmp_path / "run")
     result = train.Trainer(tiny_config(stdlib_data_dir, **{"train.log_every": 2}), workdir).run()
     assert result["step"] == 3 and listing(workdir) == ["3"]
@@ -326,17 +331,8 @@ def test_nan_gradient_with_finite_loss_stops_without_a_checkpoint(stdlib_data_di
         new, out = real_step(state, batch, **kw)
         return new, dict(out, grad_norm=jnp.where(state["step"] + 1 == 4, jnp.nan, out["grad_norm"]))
 
-    real_arrays = train.to_global_arrays
-    calls = []
-
-    def to_global_arrays(batch, sharding):
-        calls.append(1)
-        if len(calls) == 4:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return real_arrays(batch, sharding)
-
     monkeypatch.setattr(steps, "train_step", bad_step)
-    monkeypatch.setattr(train, "to_global_arrays", to_global_arrays)
+    sigterm_while_step_runs(monkeypatch, 4)
     workdir = str(tmp_path / "run")
     config = tiny_config(stdlib_data_dir, **{"train.max_steps": 4, "checkpoint.every_steps": 2})
     with pytest.raises(train.NonFiniteLoss) as e:

@@ -766,15 +766,15 @@ def flash_attention(
         q,
         k,
         v,
-        causal,
-        alibi_slopes,
-        q_segment_ids,
-        kv_segment_ids,
-        softmax_scale,
-        block_sizes,
-        interpret,
-        sliding_window,
-        logit_softcap,
+        causal=causal,
+        alibi_slopes=alibi_slopes,
+        q_segment_ids=q_segment_ids,
+        kv_segment_ids=kv_segment_ids,
+        softmax_scale=softmax_scale,
+        block_sizes=block_sizes,
+        interpret=interpret,
+        sliding_window=sliding_window,
+        logit_softcap=logit_softcap,
     )
     return _flash(q, k, v, q_segment_ids, kv_segment_ids, alibi_slopes, cfg)
 
@@ -783,15 +783,16 @@ def _setup(
     q,
     k,
     v,
-    causal,
-    alibi_slopes,
-    q_segment_ids,
-    kv_segment_ids,
-    softmax_scale,
-    block_sizes,
-    interpret,
-    sliding_window,
-    logit_softcap,
+    *,
+    causal=True,
+    alibi_slopes=None,
+    q_segment_ids=None,
+    kv_segment_ids=None,
+    softmax_scale=None,
+    block_sizes=None,
+    interpret=None,
+    sliding_window=None,
+    logit_softcap=None,
     poison=False,
 ):
     """k and v in q's dtype, the inputs checked, and the static kernel config."""
@@ -815,44 +816,14 @@ def _setup(
     return k, v, cfg
 
 
-def _raw_kernels(
-    q,
-    k,
-    v,
-    do,
-    *,
-    causal=True,
-    alibi_slopes=None,
-    q_segment_ids=None,
-    kv_segment_ids=None,
-    softmax_scale=None,
-    block_sizes=None,
-    interpret=None,
-    sliding_window=None,
-    logit_softcap=None,
-    poison=False,
-):
-    """Test hook: the padded kernel outputs (o, lse, dq, dk, dv) of one forward and backward.
-
-    With ``poison`` every output buffer starts as NaN (aliased NaN inputs), so an element the
-    kernels never write comes back NaN, padding rows included.
-    """
-    k, v, cfg = _setup(
-        q,
-        k,
-        v,
-        causal,
-        alibi_slopes,
-        q_segment_ids,
-        kv_segment_ids,
-        softmax_scale,
-        block_sizes,
-        interpret,
-        sliding_window,
-        logit_softcap,
-        poison,
-    )
-    padded = _pad_all(cfg, q, k, v, q_segment_ids, kv_segment_ids, alibi_slopes)
+def _raw_kernels(q, k, v, do, **options):
+    """Test hook: the padded kernel outputs (o, lse, dq, dk, dv) of one forward and backward;
+    ``options`` are ``flash_attention``'s keywords, plus ``poison``: every output buffer starts as
+    NaN (aliased NaN inputs), so an element the kernels never write comes back NaN, padding rows
+    included."""
+    k, v, cfg = _setup(q, k, v, **options)
+    q_seg, kv_seg, slopes = (options.get(n) for n in ("q_segment_ids", "kv_segment_ids", "alibi_slopes"))
+    padded = _pad_all(cfg, q, k, v, q_seg, kv_seg, slopes)
     o, lse = _forward(cfg, *padded)
     dq, dk, dv = _backward(cfg, *padded, o, lse, _pad_seq(do, cfg.q_pad))
     return cfg, (o, lse, dq, dk, dv)
