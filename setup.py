@@ -3,6 +3,7 @@
 from setuptools import find_packages, setup
 
 HF = ["torch", "transformers>=4.40"]
+SERVE = ["fastapi", "uvicorn"]  # python -m mpt_jax.serve
 
 setup(
     name="mpt-jax",
@@ -32,7 +33,9 @@ setup(
     ],
     extras_require={
         "hf": HF,
-        "test": HF + ["pytest", "ruff"],
+        "serve": SERVE,
+        "eval": ["lm-eval==0.4.13"],  # the mpt_jax backend of lm-evaluation-harness
+        "test": HF + SERVE + ["pytest", "ruff", "openai", "prometheus_client", "lm-eval[hf]==0.4.13"],
         "gpu": ["jax[cuda12]"],
         "tpu": ["jax[tpu]"],
     },

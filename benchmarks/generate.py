@@ -158,6 +158,14 @@ def main() -> None:
             f"| {r['dtype']} | {r['batch']} | {r['ours']:.1f} | {r['theirs']:.1f} | {r['ours'] / r['theirs']:.2f}x | "
             f"{r['ttft_ours'] * 1e3:.0f} ms | {r['ttft_theirs'] * 1e3:.0f} ms | {bound} |"
         )
+    print("\nbest dtype each side:")
+    for batch in sorted({r["batch"] for r in rows}):
+        ours = max((r for r in rows if r["batch"] == batch), key=lambda r: r["ours"])
+        theirs = max((r for r in rows if r["batch"] == batch), key=lambda r: r["theirs"])
+        print(
+            f"  batch {batch}: mpt-jax {ours['ours']:.1f} tok/s ({ours['dtype']}), transformers "
+            f"{theirs['theirs']:.1f} tok/s ({theirs['dtype']}): {ours['ours'] / theirs['theirs']:.2f}x"
+        )
 
 
 if __name__ == "__main__":

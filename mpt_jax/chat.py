@@ -129,7 +129,9 @@ def main(argv) -> None:
     f = flags.FLAGS
     if not f.model:
         raise ValueError("--model=PATH_OR_HUB is required")
-    cfg, params, tokenizer = load(f.model, dtype=f.dtype, quantize=f.quantize, max_seq_len=f.max_seq_len)
+    cfg, params, tokenizer = load(
+        f.model, dtype=f.dtype, quantize=f.quantize, max_seq_len=f.max_seq_len, scan_layers=False
+    )
     chat = Chat(
         Generator(cfg, params, tokenizer, max_batch=1),
         prompt_format(tokenizer, f.format),

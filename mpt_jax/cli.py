@@ -125,16 +125,26 @@ def config_from_flags(name: str = "config") -> Any:
     return config
 
 
-def run(prog: str, define_flags: Callable[[], None], main: Callable[[list[str]], Any]) -> None:
+def run(
+    prog: str,
+    define_flags: Callable[[], None],
+    main: Callable[[list[str]], Any],
+    commands: tuple[str, ...] | None = None,
+) -> None:
     """Defines the flags, parses them (one-line errors), quiets other libraries' logs and runs
-    ``main``; a ``USER_ERRORS`` exception from ``main`` becomes one line and exit status 1."""
+    ``main``; a ``USER_ERRORS`` exception from ``main`` becomes one line and exit status 1.
+    ``commands``: the program takes exactly one of these words before its flags (``main`` gets
+    ``[prog, command]``)."""
     from absl import app
 
     define_flags()
 
     def wrapped(argv: list[str]) -> Any:
         quiet_other_libraries()
-        if len(argv) > 1:
+        if commands is not None:
+            if len(argv) != 2 or argv[1] not in commands:
+                fail(prog, f"give one command: {' | '.join(commands)} (got {' '.join(argv[1:]) or 'none'})")
+        elif len(argv) > 1:
             fail(prog, f"unexpected arguments {argv[1:]} (flags are --name=value)")
         try:
             return main(argv)

@@ -68,3 +68,30 @@ def read_json(path: str, *, what: str = "JSON file") -> Any:
             return json.load(f)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: line {e.lineno}: not valid JSON ({e.msg})") from None
+
+
+def write_new_json(path: str, data: Any) -> str:
+    """Writes ``data`` as JSON to ``path``, which must not exist (results are never overwritten):
+    to a temporary file beside it, then linked into place, so a reader sees all of it or nothing
+    and a file that appeared meanwhile is not replaced. Returns the absolute path."""
+    path = check_new_file(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.link(tmp, path)  # fails if path appeared meanwhile, unlike a rename
+    finally:
+        os.remove(tmp)
+    return path
+
+
+def check_new_file(path: str) -> str:
+    """The absolute ``path`` of an output file to be written; an error when it exists or cannot be
+    created (a file where a folder is needed). Checked before the work that produces it."""
+    path = os.path.abspath(os.fspath(path))
+    if os.path.exists(path):
+        raise FileExistsError(f"{path} exists; give another output path (results are never overwritten)")
+    check_folder_path(os.path.dirname(path), what="output folder")
+    return path

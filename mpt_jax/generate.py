@@ -7,10 +7,11 @@
 ``Engine`` holds a cache of ``rows`` rows of ``cache_len`` positions. A request is *inserted* into
 free rows (its prompt prefilled with the training attention, any ``attn_impl``, then copied into
 its rows), every ``step`` decodes one token for all rows at once, and a finished row is simply
-freed: new requests go into free rows while others keep decoding (the server's continuous
-batching is this loop). Each row has its own position, sampling settings and random key (a row's
-draws depend only on its seed and position, not on its neighbours), so the same request gives the
-same tokens alone or in any batch.
+freed: new requests go into free rows while others keep decoding. ``Batcher`` is that loop
+(continuous batching), with the rules that end a request and stream its text; ``Generator`` and
+the server (``mpt_jax.serve``) both run it. Each row has its own position, sampling settings and
+random key (a row's draws depend only on its seed and position, not on its neighbours), so the
+same request gives the same tokens alone or in any batch.
 
 ``Generator`` puts requests through an engine: ``generate`` returns ``Completion``s, ``stream``
 yields tokens (and text) as they are produced, both over any number of prompts of different
@@ -20,6 +21,7 @@ length rarely compiles anything.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import sys
 from collections.abc import Iterator, Sequence
@@ -31,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mpt_jax.config import MPTConfig
-from mpt_jax.model import MPT, init_cache
+from mpt_jax.model import MPT, init_cache, is_stacked, unstack_layers
 from mpt_jax.sampling import SamplingParams, sample
 
 MIN_BUCKET = 16
@@ -51,7 +53,9 @@ class Engine:
     """A KV cache of ``rows`` x ``cache_len`` and the jitted steps that fill and decode it.
 
     The host side only says which rows hold which request; all per-row state (cache, positions,
-    the tokens each row holds, sampling settings, random keys) lives on the device.
+    the tokens each row holds, sampling settings, random keys) lives on the device. The model runs
+    in the params' layout: stacked (``MPT(cfg)``) or per layer (``model.unstack_layers``, with a
+    cache per layer: on a CPU it decodes 2-3x faster, as nothing is copied out of stacked arrays).
     """
 
     def __init__(
@@ -76,21 +80,24 @@ class Engine:
 
         self.rules = rules or DEFAULT_RULES
         dtype = cache_dtype or cfg.dtype
+        scan = self.scan_layers = is_stacked(params)
         with self._context():
             if mesh is None:
-                self.cache = init_cache(cfg, rows, cache_len, dtype)
+                self.cache = init_cache(cfg, rows, cache_len, dtype, scan_layers=scan)
             else:
-                shardings = cache_shardings(cfg, rows, cache_len, mesh, self.rules)
-                self.cache = jax.jit(lambda: init_cache(cfg, rows, cache_len, dtype), out_shardings=shardings)()
+                shardings = cache_shardings(cfg, rows, cache_len, mesh, self.rules, scan_layers=scan)
+                self.cache = jax.jit(
+                    lambda: init_cache(cfg, rows, cache_len, dtype, scan_layers=scan), out_shardings=shardings
+                )()
         self.positions = jnp.zeros((rows,), jnp.int32)  # tokens in the cache, per row
         self.context = jnp.zeros((rows, cache_len), jnp.int32)  # the tokens of each row, sampled ones too
         self.next_tokens = jnp.zeros((rows,), jnp.int32)  # sampled, not yet in the cache
         self.keys = jax.random.key_data(jax.random.split(jax.random.key(0), rows))
         self.sampling = SamplingParams.make(rows)
-        model = MPT(cfg)
+        model = MPT(cfg, scan_layers=scan)
 
         def prefill(params, tokens, lengths):
-            cache = init_cache(cfg, tokens.shape[0], tokens.shape[1], dtype)
+            cache = init_cache(cfg, tokens.shape[0], tokens.shape[1], dtype, scan_layers=scan)
             zeros = jnp.zeros((tokens.shape[0],), jnp.int32)
             logits, cache = model.apply(
                 {"params": params},
@@ -106,7 +113,10 @@ class Engine:
             """The prefilled rows join: their cache, context, position, key and settings, and their
             first token sampled from the last prompt position's logits."""
             cache, context, positions, keys, all_sampling, next_tokens = state
-            cache = jax.tree.map(lambda c, u: c.at[:, rows_, : u.shape[2]].set(u.astype(c.dtype)), cache, chunk)
+            # [(layers,) rows, positions, kv_heads, head_dim]: the chunk fills its rows' first positions
+            cache = jax.tree.map(
+                lambda c, u: c.at[..., rows_, : u.shape[-3], :, :].set(u.astype(c.dtype)), cache, chunk
+            )
             new_keys = jax.random.key_data(jax.vmap(jax.random.key)(seeds))
             tok, logp = draw(last, sampling, new_keys, lengths, prompt_context)
             prompt_context = prompt_context.at[jnp.arange(rows_.shape[0]), lengths].set(tok)
@@ -220,18 +230,144 @@ class StreamEvent:
 
 
 @dataclasses.dataclass
-class _Request:
-    index: int
+class Request:
+    """One prompt to complete, and how (what ``Batcher.submit`` takes).
+
+    ``sampling`` holds one row (``SamplingParams.make(1, ...)``); ``stop_ids`` end the request
+    without being part of it, ``stop_strings`` are cut from its text. The fields after those are
+    the batcher's record of its progress."""
+
     prompt: list[int]
     max_new_tokens: int
-    seed: int
     sampling: SamplingParams
-    stop_ids: frozenset[int]
-    stop_strings: tuple[str, ...]
+    seed: int = 0
+    stop_ids: frozenset[int] = frozenset()
+    stop_strings: tuple[str, ...] = ()
+    id: int = -1  # set by ``Batcher.submit``: the ``index`` of its events
     tokens: list[int] = dataclasses.field(default_factory=list)
     logprobs: list[float] = dataclasses.field(default_factory=list)
     emitted: int = 0  # characters of text already streamed
     finish: str | None = None
+
+
+def default_stop_ids(tokenizer: Any) -> frozenset[int]:
+    """The tokens that end a generation unless told otherwise: the tokenizer's end-of-text, and
+    ``<|im_end|>`` for ChatML tokenizers (MPT-Chat's stop ids are im_end, eos); none without one."""
+    if tokenizer is None:
+        return frozenset()
+    eos = getattr(tokenizer, "eos_id", None)
+    ids = {eos} if eos is not None else set()
+    im_end = tokenizer.token_to_id("<|im_end|>")
+    if im_end is not None:
+        ids.add(im_end)
+    return frozenset(ids)
+
+
+class Batcher:
+    """Continuous batching over an engine's rows: the one loop ``Generator.stream`` and the server run.
+
+    ``submit`` queues a request; each ``step`` either admits waiting requests into the free rows
+    (one prefill for all of them, their first tokens sampled) or, when none can be admitted, decodes
+    one token for every row. A request leaves its row the moment it ends (a stop token, a stop
+    string, ``max_new_tokens``, a full row) or is cancelled, and the next waiting request takes it.
+    This is the one place that decides when a request ends and turns its tokens into streamed text.
+    Not thread-safe: one thread owns it (and makes every JAX call).
+    """
+
+    def __init__(self, engine: Engine, tokenizer: Any = None):
+        self.engine, self.tokenizer = engine, tokenizer
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.active: dict[int, Request] = {}  # row -> request
+        self._next_id = 0
+
+    def submit(self, request: Request) -> int:
+        """Queues ``request`` for a row; returns its id (the ``index`` of its events: 0, 1, ...)."""
+        n, room = len(request.prompt), self.engine.cache_len
+        if not 1 <= n < room:
+            raise ValueError(f"a prompt of {n} tokens does not fit a cache row of {room} positions (1 to {room - 1})")
+        if request.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={request.max_new_tokens} must be positive")
+        if request.stop_strings and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer")
+        if request.sampling.temperature.shape != (1,):
+            raise ValueError(f"a request's sampling has one row, got {request.sampling.temperature.shape}")
+        request.id, self._next_id = self._next_id, self._next_id + 1
+        self.waiting.append(request)
+        return request.id
+
+    def cancel(self, request_id: int) -> bool:
+        """Drops a waiting or running request (its row is free at once); False if it is not here."""
+        for row, req in self.active.items():
+            if req.id == request_id:
+                del self.active[row]
+                return True
+        for req in self.waiting:
+            if req.id == request_id:
+                self.waiting.remove(req)
+                return True
+        return False
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.active)
+
+    def free_rows(self) -> list[int]:
+        return [r for r in range(self.engine.rows) if r not in self.active]
+
+    def step(self) -> list[StreamEvent]:
+        """Admits what fits into free rows, else decodes one token for all rows; the events it made."""
+        events: list[StreamEvent] = []
+        free = self.free_rows()
+        if self.waiting and free:
+            batch = [self.waiting.popleft() for _ in range(min(len(free), len(self.waiting)))]
+            rows = free[: len(batch)]
+            sampling = jax.tree.map(lambda *xs: jnp.concatenate(xs), *[r.sampling for r in batch])
+            tokens, logprobs = self.engine.insert(rows, [r.prompt for r in batch], sampling, [r.seed for r in batch])
+            for row, req, tok, lp in zip(rows, batch, tokens, logprobs, strict=True):
+                self.active[row] = req
+                events.append(self._advance(req, int(tok), float(lp)))
+                if req.finish:
+                    del self.active[row]
+            return events
+        if not self.active:
+            return events
+        tokens, logprobs = self.engine.step()
+        for row in list(self.active):
+            req = self.active[row]
+            events.append(self._advance(req, int(tokens[row]), float(logprobs[row])))
+            if req.finish:
+                del self.active[row]
+        return events
+
+    def _advance(self, req: Request, token: int, logprob: float) -> StreamEvent:
+        """Records one sampled token of ``req``; its event (and whether it ends the request)."""
+        if token in req.stop_ids:
+            req.finish = FINISH_STOP
+            return self._event(req, None, logprob, final=True)
+        req.tokens.append(token)
+        req.logprobs.append(logprob)
+        held = len(req.prompt) + len(req.tokens)
+        if len(req.tokens) >= req.max_new_tokens or held >= self.engine.cache_len:
+            req.finish = FINISH_LENGTH
+        return self._event(req, token, logprob, final=req.finish is not None)
+
+    def _event(self, req: Request, token: int | None, logprob: float | None, *, final: bool) -> StreamEvent:
+        """The text ``req`` adds with this token: decoded so far minus what was emitted, holding back
+        an unfinished character and anything that could still become a stop string."""
+        if self.tokenizer is None:
+            return StreamEvent(req.id, token, "", logprob, req.finish)
+        text = self.tokenizer.decode(req.tokens)
+        cut = _first_stop(text, req.stop_strings)
+        if cut is not None:
+            text, req.finish, final = text[:cut], FINISH_STOP, True
+        elif not final:
+            hold = max((len(s) - 1 for s in req.stop_strings), default=0)
+            end = len(text) - hold
+            while end > 0 and text[end - 1] == "\ufffd":  # a multi-byte character still incomplete
+                end -= 1
+            text = text[: max(end, req.emitted)]
+        delta = text[req.emitted :]
+        req.emitted = len(text)
+        return StreamEvent(req.id, token, delta, logprob, req.finish if final else None)
 
 
 class Generator:
@@ -241,6 +377,8 @@ class Generator:
     and text output; token-id prompts work without one. ``max_batch`` is the number of cache rows
     (prompts beyond it wait for a free row); the cache holds up to ``cfg.max_seq_len`` positions
     (load with a larger ``max_seq_len`` to run an ALiBi or RoPE model past its training length).
+    It decodes with the per-layer params layout: stacked params are unstacked into a copy (load
+    with ``scan_layers=False`` to have that layout without ever holding both).
     """
 
     def __init__(
@@ -256,7 +394,8 @@ class Generator:
     ):
         if max_batch < 1:
             raise ValueError(f"max_batch={max_batch} must be positive")
-        self.cfg, self.params, self.tokenizer = cfg, params, tokenizer
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.params = unstack_layers(params, cfg.n_layers)
         self.max_batch, self.cache_dtype, self.mesh, self.rules = max_batch, cache_dtype, mesh, rules
         self._engine: Engine | None = None
 
@@ -318,16 +457,6 @@ class Generator:
             out.append(ids)
         return out
 
-    def _stop_ids(self, stop_token_ids: Sequence[int] | None) -> frozenset[int]:
-        if stop_token_ids is not None:
-            return frozenset(int(t) for t in stop_token_ids)
-        eos = getattr(self.tokenizer, "eos_id", None)
-        ids = {eos} if eos is not None else set()
-        im_end = self.tokenizer.token_to_id("<|im_end|>") if self.tokenizer is not None else None
-        if im_end is not None:  # ChatML models end a turn with it (MPT-Chat's stop ids are im_end, eos)
-            ids.add(im_end)
-        return frozenset(ids)
-
     # -- the loop --
 
     def stream(
@@ -370,74 +499,21 @@ class Generator:
         seeds = [int(s) for s in (seed if isinstance(seed, Sequence) else [seed] * n)]
         if len(seeds) != n:
             raise ValueError(f"{len(seeds)} seeds for {n} prompts")
-        stop_ids = self._stop_ids(stop_token_ids)
+        stop_ids = (
+            default_stop_ids(self.tokenizer) if stop_token_ids is None else frozenset(int(t) for t in stop_token_ids)
+        )
+        stops = tuple(s for s in (stop or ()) if s)
         requests = [
-            _Request(
-                i,
-                p,
-                max_new_tokens,
-                seeds[i],
-                _rows(per_row, np.asarray([i])),
-                stop_ids,
-                tuple(s for s in (stop or ()) if s),
-            )
+            Request(p, max_new_tokens, _rows(per_row, np.asarray([i])), seeds[i], stop_ids, stops)
             for i, p in enumerate(ids)
         ]
         longest = max(len(p) for p in ids) + max_new_tokens
         engine = self.engine(min(self.max_batch, n), min(bucket(longest), self.cfg.max_seq_len))
-        waiting = list(requests)
-        active: dict[int, _Request] = {}  # row -> request
-        while waiting or active:
-            free = [r for r in range(engine.rows) if r not in active]
-            if waiting and free:
-                batch = [waiting.pop(0) for _ in range(min(len(free), len(waiting)))]
-                rows = free[: len(batch)]
-                sampling = jax.tree.map(lambda *xs: jnp.concatenate(xs), *[r.sampling for r in batch])
-                tokens, logprobs = engine.insert(rows, [r.prompt for r in batch], sampling, [r.seed for r in batch])
-                for row, req, tok, lp in zip(rows, batch, tokens, logprobs, strict=True):
-                    active[row] = req
-                    yield from self._advance(req, int(tok), float(lp), engine)
-                    if req.finish:
-                        del active[row]
-                continue
-            tokens, logprobs = engine.step()
-            for row in list(active):
-                req = active[row]
-                yield from self._advance(req, int(tokens[row]), float(logprobs[row]), engine)
-                if req.finish:
-                    del active[row]
-
-    def _advance(self, req: _Request, token: int, logprob: float, engine: Engine) -> Iterator[StreamEvent]:
-        """Records one sampled token of ``req``; yields its event (and decides whether it ends)."""
-        if token in req.stop_ids:
-            req.finish = FINISH_STOP
-            yield self._event(req, None, logprob, final=True)
-            return
-        req.tokens.append(token)
-        req.logprobs.append(logprob)
-        held = len(req.prompt) + len(req.tokens)
-        if len(req.tokens) >= req.max_new_tokens or held >= engine.cache_len:
-            req.finish = FINISH_LENGTH
-        yield self._event(req, token, logprob, final=req.finish is not None)
-
-    def _event(self, req: _Request, token: int | None, logprob: float | None, *, final: bool) -> StreamEvent:
-        """The text ``req`` adds with this token: decoded so far minus what was emitted, holding back
-        an unfinished character and anything that could still become a stop string."""
-        if self.tokenizer is None:
-            return StreamEvent(req.index, token, "", logprob, req.finish)
-        text = self.tokenizer.decode(req.tokens)
-        cut = _first_stop(text, req.stop_strings)
-        if cut is not None:
-            text, req.finish, final = text[:cut], FINISH_STOP, True
-        elif not final:
-            hold = max((len(s) - 1 for s in req.stop_strings), default=0)
-            end = len(text) - hold
-            while end > 0 and text[end - 1] == "\ufffd":  # a multi-byte character still incomplete
-                end -= 1
-            text = text[: max(end, req.emitted)]
-        delta = text[req.emitted :]
-        req.emitted = len(text)
-        return StreamEvent(req.index, token, delta, logprob, req.finish if final else None)
+        batcher = Batcher(engine, self.tokenizer)
+        for req in requests:  # ids 0, 1, ...: the prompts' indices
+            batcher.submit(req)
+        while batcher.has_work():
+            yield from batcher.step()
 
     def generate(self, prompts: Sequence[str | Sequence[int]], *, logprobs: bool = False, **kwargs) -> list[Completion]:
         """Completions of ``prompts`` (same keyword arguments as ``stream``), in prompt order."""
@@ -527,7 +603,9 @@ def main(argv) -> None:
             prompts = [line.rstrip("\n").replace("\\n", "\n") for line in fh if line.strip()]
     else:
         prompts = [f.prompt]
-    cfg, params, tokenizer = load(f.model, dtype=f.dtype, quantize=f.quantize, max_seq_len=f.max_seq_len, step=f.step)
+    cfg, params, tokenizer = load(
+        f.model, dtype=f.dtype, quantize=f.quantize, max_seq_len=f.max_seq_len, step=f.step, scan_layers=False
+    )
     stop_ids = f.stop_token_id or None
     if f.format:  # the model's prompt format around each prompt, and its end-of-turn tokens
         from mpt_jax.prompts import prompt_format, render_chat, stop_token_ids

@@ -77,6 +77,7 @@ def load(
     max_seq_len: int | None = None,
     step: int | None = None,
     rules: Sequence[tuple[str, Any]] | None = None,
+    scan_layers: bool = True,
 ) -> tuple[MPTConfig, Any, Any]:
     """(cfg, params, tokenizer) of a training workdir, an mpt-jax model checkpoint, or an HF folder / hub id.
 
@@ -87,7 +88,9 @@ def load(
     (``mpt_jax.quantize.quantize_params``). ``mesh`` (a ``jax.sharding.Mesh`` over data, fsdp,
     tensor) places each param as ``sharding.param_shardings(cfg, mesh, rules)`` says (a model
     checkpoint is read straight onto its devices); otherwise params are jax arrays on the default
-    device. ``step`` picks a workdir's checkpoint (default: the newest).
+    device. ``step`` picks a workdir's checkpoint (default: the newest). ``scan_layers=False``
+    gives the per-layer layout (``model.unstack_layers``) that generation runs fastest on, made
+    on the host so the devices never hold both layouts.
 
     An unknown path is a FileNotFoundError naming it; a missing tokenizer is not an error: the
     tokenizer is None (and a warning says why), and generation from token ids still works.
@@ -122,8 +125,8 @@ def load(
         from mpt_jax import sharding
 
         shardings = sharding.param_shardings(cfg, mesh, rules or sharding.DEFAULT_RULES)
-    if kind == "model":
-        _, params = checkpoint.load_model(where, shardings=shardings, dtype=dtype)
+    if kind == "model":  # straight onto the devices, unless the layers are to be unstacked first
+        _, params = checkpoint.load_model(where, shardings=shardings if scan_layers else None, dtype=dtype)
     else:
         _, params = checkpoint.load_params_any(where, dtype=dtype, step=step)
     compute = dtype or _stored_dtype(params)
@@ -137,6 +140,12 @@ def load(
             from mpt_jax import sharding
 
             shardings = sharding.quantized_param_shardings(cfg, mesh, rules or sharding.DEFAULT_RULES)
+    if not scan_layers:
+        from mpt_jax import sharding
+        from mpt_jax.model import unstack_layers
+
+        params = unstack_layers(params, cfg.n_layers)
+        shardings = None if shardings is None else sharding.unstack_shardings(shardings, cfg.n_layers)
     params = jax.device_put(params, shardings) if shardings is not None else jax.device_put(params)
 
     tokenizer, origin = checkpoint.find_tokenizer(kind, where, run=run)

@@ -15,7 +15,7 @@ Matmuls run in ``cfg.dtype``; norms, attention scores, softmax and logits are fl
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -328,6 +328,7 @@ class MPT(nn.Module):
     """
 
     cfg: MPTConfig
+    scan_layers: bool = True
 
     @nn.compact
     def __call__(
@@ -349,9 +350,11 @@ class MPT(nn.Module):
             raise ValueError("MPT: cache and cache_positions go together")
         batch, length = tokens.shape
         if cache is not None:
-            if cache["k"].shape[:2] != (cfg.n_layers, batch) or length > cache["k"].shape[2]:
+            shape = cache_shape(cache)
+            if shape[:2] != (cfg.n_layers, batch) or length > shape[2] or isinstance(cache, dict) != self.scan_layers:
+                layout = "stacked (a dict)" if self.scan_layers else "per layer (a list)"
                 raise ValueError(
-                    f"MPT: cache {cache['k'].shape} does not fit {cfg.n_layers} layers x {batch} rows of {length} tokens"
+                    f"MPT: cache {shape} does not fit {cfg.n_layers} layers x {batch} rows of {length} tokens, {layout}"
                 )
             if positions is None:
                 positions = cache_positions[:, None].astype(jnp.int32) + jnp.arange(length, dtype=jnp.int32)
@@ -373,15 +376,25 @@ class MPT(nn.Module):
         if cfg.remat_policy != "none":
             policy = getattr(jax.checkpoint_policies, REMAT_POLICIES[cfg.remat_policy])
             block = nn.remat(Block, policy=policy, prevent_cse=False)
-        blocks = nn.scan(
-            block,
-            variable_axes={"params": 0},
-            split_rngs={"params": True, "dropout": True},
-            in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
-            length=cfg.n_layers,
-            metadata_params={nn.PARTITION_NAME: "layers"},
-        )
-        x, cache = blocks(cfg, deterministic, prefill, name="blocks")(x, segment_ids, positions, cache, cache_positions)
+        if self.scan_layers:
+            blocks = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                length=cfg.n_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"},
+            )
+            x, cache = blocks(cfg, deterministic, prefill, name="blocks")(
+                x, segment_ids, positions, cache, cache_positions
+            )
+        else:  # one module per layer: each layer's weights (and cache) are arrays of their own
+            caches = []
+            for i in range(cfg.n_layers):
+                layer = block(cfg, deterministic, prefill, name=f"{LAYERS}_{i}")
+                x, c = layer(x, segment_ids, positions, None if cache is None else cache[i], cache_positions)
+                caches.append(c)
+            cache = None if cache is None else caches
 
         if logit_positions is not None:  # only the rows' positions whose next token is wanted
             x = jnp.take_along_axis(x, logit_positions.astype(jnp.int32)[..., None], axis=1)
@@ -397,17 +410,29 @@ class MPT(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------------
-# The KV cache: per layer k and v, stacked over layers like the params.
+# The KV cache: per layer k and v, stacked over layers like the params, or a list of layers.
 
 Cache = dict[str, jax.Array]  # {"k": [L, B, T, Hkv, hd], "v": [L, B, T, Hkv, hd]} (one layer: no L)
 CACHE_AXES = ("layers", "cache_batch", "cache_length", "kv_heads", "head_dim")
 
 
-def init_cache(cfg: MPTConfig, batch: int, length: int, dtype: str | None = None) -> Cache:
-    """Zeros for ``batch`` rows of ``length`` positions; ``dtype`` defaults to the compute dtype."""
-    shape = (cfg.n_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
+def init_cache(
+    cfg: MPTConfig, batch: int, length: int, dtype: str | None = None, *, scan_layers: bool = True
+) -> Cache | list[Cache]:
+    """Zeros for ``batch`` rows of ``length`` positions; ``dtype`` defaults to the compute dtype.
+    ``scan_layers=False``: a list of one cache per layer, for ``MPT(cfg, scan_layers=False)``."""
+    shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
     dt = jnp.dtype(dtype or cfg.dtype)
-    return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)}
+    if not scan_layers:
+        return [{"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)} for _ in range(cfg.n_layers)]
+    return {"k": jnp.zeros((cfg.n_layers, *shape), dt), "v": jnp.zeros((cfg.n_layers, *shape), dt)}
+
+
+def cache_shape(cache: Cache | list[Cache]) -> tuple[int, ...]:
+    """(layers, batch, length, kv_heads, head_dim) of a stacked or per-layer cache."""
+    if isinstance(cache, dict):
+        return tuple(cache["k"].shape)
+    return (len(cache), *cache[0]["k"].shape)
 
 
 def write_cache(layer: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
@@ -419,6 +444,33 @@ def write_cache(layer: jax.Array, new: jax.Array, positions: jax.Array) -> jax.A
         return jax.lax.dynamic_update_slice(row, update.astype(row.dtype), (start, 0, 0))
 
     return jax.vmap(one)(layer, new, positions.astype(jnp.int32))
+
+
+# ------------------------------------------------------------------------------------------------
+# Params layouts: ``blocks`` stacked over layers (training, checkpoints) or ``blocks_0`` ..
+# ``blocks_{L-1}`` (``scan_layers=False``). XLA:CPU copies a layer's weights out of the stacked
+# arrays on every scan step; arrays of their own are read in place, which is what decoding (one
+# token, bound by reading the weights) needs on a CPU.
+
+LAYERS = "blocks"
+
+
+def unstack_layers(params: dict, n_layers: int, take: Callable[[Any, int], Any] | None = None) -> dict:
+    """The per-layer layout of a stacked params tree (a new tree; the stacked one is untouched);
+    a per-layer tree is returned as it is. ``take(leaf, i)`` gives layer i of a leaf (default
+    ``leaf[i]``; a tree of shardings passes its own)."""
+    if LAYERS not in params:
+        return params
+    take = take or (lambda x, i: x[i])
+    out = {k: v for k, v in params.items() if k != LAYERS}
+    for i in range(n_layers):
+        out[f"{LAYERS}_{i}"] = jax.tree.map(lambda x, i=i: take(x, i), params[LAYERS])
+    return out
+
+
+def is_stacked(params: dict) -> bool:
+    """Whether a params tree has the stacked layout (``MPT(cfg)``) rather than the per-layer one."""
+    return LAYERS in params
 
 
 def param_shapes(cfg: MPTConfig, length: int = 8):

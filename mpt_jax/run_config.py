@@ -11,6 +11,8 @@ A config file (``configs/<name>.py``) starts from ``base_config()`` and sets wha
     config.checkpoint every_steps, keep
     config.mesh       data, fsdp, tensor (-1: all remaining devices); dcn_* (how many of each axis
                       span slices/hosts over the data-center network); rules (logical -> mesh axes)
+    config.evals      icl_tasks (a task config, configs/eval/*.py or an LLM Foundry yaml; "" = none),
+                      icl_batch_size, icl_limit: ICL tasks run at every eval (train.eval_every)
     config.init_from  an mpt-jax model checkpoint or HF folder to start from ("" = random init)
     config.wandb      W&B project (None = off)
 """
@@ -56,6 +58,7 @@ def base_config() -> ml_collections.ConfigDict:
             rules=ml_collections.config_dict.placeholder(list),
         )
     )
+    c.evals = ml_collections.ConfigDict(dict(icl_tasks="", icl_batch_size=8, icl_limit=0))
     c.init_from = ""
     c.wandb = ml_collections.ConfigDict(dict(project=ml_collections.config_dict.placeholder(str), name=""))
     return c
@@ -127,6 +130,7 @@ def problems(config: ml_collections.ConfigDict, n_devices: int, process_count: i
             f"config.train.eval_every={t.eval_every} with config.train.eval_batches=0: an eval of no batches; "
             "set eval_batches > 0, or eval_every=0 for no eval"
         )
+    out += _evals_problems(config, process_count)
     if config.checkpoint.every_steps < 0:
         out.append(f"config.checkpoint.every_steps={config.checkpoint.every_steps}: must be >= 0")
     if t.max_steps >= 1:
@@ -134,6 +138,28 @@ def problems(config: ml_collections.ConfigDict, n_devices: int, process_count: i
             optim.make_optimizer(config.optimizer, config.schedule, max_steps=t.max_steps)
         except ValueError as e:
             out.append(str(e))
+    return out
+
+
+def _evals_problems(config: ml_collections.ConfigDict, process_count: int) -> list[str]:
+    """The ``evals`` section: its task file must read (every task file and prompt is checked again
+    when the tasks are built, before step 1), evals need eval_every, one process for now."""
+    e = config.get("evals")
+    if e is None or not e.icl_tasks:
+        return []
+    out = []
+    if config.train.eval_every <= 0:
+        out.append(f"config.evals.icl_tasks={e.icl_tasks!r} runs at each eval, but config.train.eval_every=0")
+    if process_count > 1:
+        out.append("config.evals.icl_tasks: ICL tasks during training run in single-process runs only")
+    if e.icl_batch_size < 1 or e.icl_limit < 0:
+        out.append(f"config.evals: icl_batch_size={e.icl_batch_size} must be >= 1, icl_limit={e.icl_limit} >= 0")
+    try:
+        from mpt_jax.eval.icl import tasks_from_file
+
+        tasks_from_file(e.icl_tasks)
+    except (ValueError, OSError) as err:
+        out.append(f"config.evals.icl_tasks: {err}")
     return out
 
 

@@ -23,7 +23,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mpt_jax.config import MPTConfig
-from mpt_jax.model import param_shapes
+from mpt_jax.model import param_shapes, unstack_layers
 
 AXES = ("data", "fsdp", "tensor")
 
@@ -159,11 +159,26 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
 
 
-def cache_shardings(cfg: MPTConfig, batch: int, length: int, mesh: Mesh, rules=DEFAULT_RULES) -> dict:
-    """NamedShardings of a KV cache (``model.init_cache``): rows like a batch, kv heads like the
-    k/v projections (``model.CACHE_AXES``)."""
+def cache_shardings(
+    cfg: MPTConfig, batch: int, length: int, mesh: Mesh, rules=DEFAULT_RULES, *, scan_layers: bool = True
+) -> dict | list[dict]:
+    """NamedShardings of a KV cache (``model.init_cache``, stacked or per layer): rows like a
+    batch, kv heads like the k/v projections (``model.CACHE_AXES``)."""
     from mpt_jax.model import CACHE_AXES
 
     shape = (cfg.n_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
     sharding = NamedSharding(mesh, spec_for(shape, CACHE_AXES, mesh, rules))
+    if not scan_layers:
+        return [{"k": layer_sharding(sharding), "v": layer_sharding(sharding)}] * cfg.n_layers
     return {"k": sharding, "v": sharding}
+
+
+def layer_sharding(stacked: NamedSharding) -> NamedSharding:
+    """The sharding of one layer of an array stacked over layers (its leading axis dropped)."""
+    return NamedSharding(stacked.mesh, PartitionSpec(*tuple(stacked.spec)[1:]))
+
+
+def unstack_shardings(shardings: dict, n_layers: int) -> dict:
+    """A params shardings tree (``param_shardings``, ``quantized_param_shardings``) for the
+    per-layer layout (``model.unstack_layers``)."""
+    return unstack_layers(shardings, n_layers, take=lambda s, i: layer_sharding(s))

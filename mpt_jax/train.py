@@ -151,6 +151,7 @@ class Trainer:
         self.flops_per_token = metrics.flops_per_token(self.cfg, self.seq_len)
         self.peak = metrics.peak_flops_per_device(override=t.peak_flops or None)
         self.format_stats = formats.FormatStats()
+        self._icl_tasks = self._prepare_icl()
 
     # ------------------------------------------------------------------------------------------
 
@@ -190,6 +191,38 @@ class Trainer:
             logging.info("initialised params from %s", self.config.init_from)
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
             return jax.jit(self._init_fn(), out_shardings=self.state_shardings)(rng, params)
+
+    def _prepare_icl(self) -> list:
+        """The ``evals.icl_tasks`` tasks, their files read and prompts built now (errors before step 1)."""
+        e = self.config.get("evals")
+        if e is None or not e.icl_tasks:
+            return []
+        from mpt_jax.eval import icl
+
+        tasks = icl.tasks_from_file(e.icl_tasks)
+        for task in tasks:
+            icl.prepare(task, self.tok, self.cfg.max_seq_len)
+        return tasks
+
+    def _icl(self, params) -> dict[str, float]:
+        """ICL metrics of ``params`` (``icl/<task>/<k>-shot/<metric>``, ``icl/category/<name>``)."""
+        from mpt_jax.eval import icl, sandbox
+        from mpt_jax.eval.scoring import Scorer
+        from mpt_jax.generate import Generator
+
+        e = self.config.evals
+        scorer = Scorer(self.cfg, params, batch_size=e.icl_batch_size)
+        generator = Generator(self.cfg, scorer.params, self.tok, max_batch=e.icl_batch_size)
+        results = icl.run_tasks(
+            self._icl_tasks,
+            scorer.loglikelihood,
+            icl.generator_fn(generator),
+            sandbox.check_program,
+            self.tok,
+            max_seq_len=self.cfg.max_seq_len,
+            limit=e.icl_limit or None,
+        )
+        return icl.flat_metrics(results)
 
     def _eval(self, params, eval_fn) -> dict[str, float]:
         """Loss on the first eval_batches batches of the held-out split (the same ones every time)."""
@@ -352,6 +385,12 @@ class Trainer:
                     last.update({f"eval_{k}": v for k, v in ev.items()})
                     if self.is_main:
                         logging.info("step %d | eval loss %.4f | eval ppl %.2f", step, ev["loss"], ev["perplexity"])
+                    if self._icl_tasks:
+                        scores = self._icl(state["params"])
+                        self.writer.write(step, scores)
+                        last.update(scores)
+                        if self.is_main:
+                            logging.info("%s", metrics.format_console(step, scores))
                     window_start = time.perf_counter()  # eval time is not train time
                 every = config.checkpoint.every_steps
                 if (every and step % every == 0) or step == t.max_steps or stop.signal is not None:

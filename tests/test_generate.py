@@ -19,15 +19,16 @@ from test_model_reference import GQA, LEARNED_POS, MQA, make_cfg, random_params,
 from mpt_jax import MPT
 from mpt_jax.generate import Generator, bucket
 from mpt_jax.hf import load_hf
-from mpt_jax.model import init_cache
+from mpt_jax.model import init_cache, unstack_layers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @functools.cache
-def _cached_apply(cfg, prefill: bool):
+def _cached_apply(cfg, prefill: bool, scan_layers: bool = True):
     def fn(params, tokens, cache, positions):
-        return MPT(cfg).apply({"params": params}, tokens, cache=cache, cache_positions=positions, prefill=prefill)
+        model = MPT(cfg, scan_layers=scan_layers)
+        return model.apply({"params": params}, tokens, cache=cache, cache_positions=positions, prefill=prefill)
 
     return jax.jit(fn)
 
@@ -37,21 +38,27 @@ def _cached_apply(cfg, prefill: bool):
     [{}, GQA, MQA, LEARNED_POS, dict(sliding_window_size=3, attn_logit_softcapping=0.5, qk_ln=True)],
     ids=["mha_alibi", "gqa", "mqa", "learned_pos", "window_softcap_qkln"],
 )
-def test_decoding_token_by_token_equals_the_full_forward(overrides):
+@pytest.mark.parametrize("scan_layers", [True, False], ids=["stacked", "per_layer"])
+def test_decoding_token_by_token_equals_the_full_forward(overrides, scan_layers):
     """Rows with prompts of different lengths (3 and 7 tokens, prefilled together right-padded),
     then one token at a time with per-row cache positions: every position's logits equal those of
-    the full forward over the same sequence (float32, 1e-5)."""
+    the full forward (stacked layout) over the same sequence (float32, 1e-5), in both layouts."""
     cfg = make_cfg(**overrides)
     params = random_params(cfg, seed=1)
     total = 14
     tokens = random_tokens(cfg, (2, total), seed=2)
     full = np.asarray(MPT(cfg).apply({"params": params}, jnp.asarray(tokens)))
+    if not scan_layers:
+        params = unstack_layers(params, cfg.n_layers)
+        assert "blocks" not in params and f"blocks_{cfg.n_layers - 1}" in params
+        per_layer = MPT(cfg, scan_layers=False).apply({"params": params}, jnp.asarray(tokens))
+        np.testing.assert_allclose(np.asarray(per_layer), full, atol=1e-5, rtol=1e-5)
     lengths = np.array([3, 7])
     chunk = np.zeros((2, 8), np.int32)
     for r, n in enumerate(lengths):
         chunk[r, :n] = tokens[r, :n]
-    logits, cache = _cached_apply(cfg, True)(
-        params, jnp.asarray(chunk), init_cache(cfg, 2, 16), jnp.zeros(2, jnp.int32)
+    logits, cache = _cached_apply(cfg, True, scan_layers)(
+        params, jnp.asarray(chunk), init_cache(cfg, 2, 16, scan_layers=scan_layers), jnp.zeros(2, jnp.int32)
     )
     logits = np.asarray(logits)
     for r, n in enumerate(lengths):
@@ -59,7 +66,7 @@ def test_decoding_token_by_token_equals_the_full_forward(overrides):
     positions = jnp.asarray(lengths, jnp.int32)
     for step in range(total - lengths.max()):
         feed = tokens[np.arange(2), lengths + step][:, None]
-        logits, cache = _cached_apply(cfg, False)(params, jnp.asarray(feed), cache, positions)
+        logits, cache = _cached_apply(cfg, False, scan_layers)(params, jnp.asarray(feed), cache, positions)
         for r in range(2):
             np.testing.assert_allclose(np.asarray(logits)[r, 0], full[r, lengths[r] + step], atol=1e-5, rtol=1e-5)
         positions = positions + 1
@@ -141,6 +148,29 @@ def test_same_seed_same_tokens_in_any_batch():
     again = Generator(cfg, params, max_batch=1).generate([[1, 2, 3]], seed=11, **kw)[0].token_ids
     assert again == alone
     assert gen.generate([[1, 2, 3]], seed=12, **kw)[0].token_ids != alone
+
+
+def test_engine_runs_either_params_layout_to_the_same_tokens():
+    """The engine follows the params' layout: stacked params (one scanned block, a stacked cache)
+    and per-layer params (a cache per layer) sample the same tokens with the same log-probs."""
+    from mpt_jax.generate import Engine
+    from mpt_jax.sampling import SamplingParams
+
+    cfg, params = _small()
+    out = {}
+    for name, tree in [("stacked", params), ("per_layer", unstack_layers(params, cfg.n_layers))]:
+        engine = Engine(cfg, tree, rows=3, cache_len=32)
+        assert engine.scan_layers == (name == "stacked")
+        assert isinstance(engine.cache, dict) == (name == "stacked")
+        sampling = SamplingParams.make(2, temperature=[0.0, 2.0], top_k=[0, 20])
+        first = engine.insert([2, 0], [[1, 2, 3], [4, 5, 6, 7, 8]], sampling, seeds=[5, 6])
+        steps = [engine.step() for _ in range(6)]
+        out[name] = (first, steps)
+    (first_s, steps_s), (first_l, steps_l) = out["stacked"], out["per_layer"]
+    np.testing.assert_array_equal(first_s[0], first_l[0])
+    for (tok_s, logp_s), (tok_l, logp_l) in zip(steps_s, steps_l, strict=True):
+        np.testing.assert_array_equal(tok_s[[0, 2]], tok_l[[0, 2]])
+        np.testing.assert_allclose(logp_s[[0, 2]], logp_l[[0, 2]], atol=1e-5)
 
 
 def test_stop_token_and_max_new_tokens_and_logprobs():
@@ -243,7 +273,7 @@ SHARDED = textwrap.dedent(
         placed = jax.device_put(params, param_shardings(cfg, mesh))
         gen = Generator(cfg, placed, max_batch=4, mesh=mesh)
         out[str(shape)] = [c.token_ids for c in gen.generate(prompts, **kw)]
-        out[str(shape) + "_cache"] = str(gen._engine.cache["k"].sharding.spec)
+        out[str(shape) + "_cache"] = str(gen._engine.cache[0]["k"].sharding.spec)
     print(json.dumps(out))
     """
 )

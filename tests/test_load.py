@@ -136,6 +136,22 @@ def test_model_checkpoint_from_convert_loads_params_and_tokenizer(tmp_path, hf_f
     assert tokenizer.encode(SAMPLE) == tok.encode(SAMPLE)
 
 
+def test_scan_layers_false_loads_the_per_layer_layout(tmp_path, hf_folder, params):
+    """``scan_layers=False`` gives ``unstack_layers`` of the stacked params, from an HF folder and
+    from a model checkpoint, int8 included (its scales go with their layer)."""
+    from mpt_jax.model import unstack_layers
+
+    dst = str(tmp_path / "jax")
+    assert convert_cli.main(["hf_to_jax", hf_folder, dst]) == 0
+    for path in (hf_folder, dst):
+        _, got, _ = mpt_jax.load(path, scan_layers=False)
+        assert "blocks" not in got and f"blocks_{CFG.n_layers - 1}" in got
+        assert_params_equal(got, unstack_layers(params, CFG.n_layers))
+    _, q, _ = mpt_jax.load(dst, quantize="int8", scan_layers=False)
+    _, q_stacked, _ = mpt_jax.load(dst, quantize="int8")
+    assert_params_equal(q, unstack_layers(q_stacked, CFG.n_layers))
+
+
 def test_save_model_writes_the_tokenizer_inside_the_checkpoint(tmp_path, tok, params):
     checkpoint.save_model(tmp_path / "m", CFG, params, tokenizer=tok.with_chatml())
     _, _, tokenizer = mpt_jax.load(str(tmp_path / "m"))
@@ -327,6 +343,15 @@ for path in sys.argv[1:]:
         np.testing.assert_array_equal(np.asarray(leaf), np.asarray(ref[name]))
     assert split >= 4, split
     assert tok is not None
+    from mpt_jax.model import unstack_layers
+    from mpt_jax.sharding import unstack_shardings
+    _, layered, _ = mpt_jax.load(path, mesh=mesh, dtype="bfloat16", scan_layers=False)
+    lwant = dict(flat_params(unstack_shardings(param_shardings(cfg, mesh), cfg.n_layers)))
+    lref = dict(flat_params(unstack_layers(mpt_jax.load(path, dtype="bfloat16")[1], cfg.n_layers)))
+    assert sorted(lwant) == sorted(lref) == sorted(p for p, _ in flat_params(layered))
+    for name, leaf in flat_params(layered):
+        assert leaf.sharding.is_equivalent_to(lwant[name], leaf.ndim), (name, leaf.sharding, lwant[name])
+        np.testing.assert_array_equal(np.asarray(leaf), np.asarray(lref[name]))
     from mpt_jax.sharding import quantized_param_shardings
     qcfg, q, _ = mpt_jax.load(path, mesh=mesh, quantize="int8")
     qwant = dict(flat_params(quantized_param_shardings(qcfg, mesh)))

@@ -1,0 +1,152 @@
+"""Continuation scoring against transformers' MptForCausalLM logits, and the rolling windows."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from hf_utils import random_hf_model
+
+from mpt_jax.eval.scoring import Scorer, layout, rolling_requests, rolling_windows, target_scores
+from mpt_jax.hf import load_hf
+
+HF_CONFIG = dict(d_model=64, n_heads=4, n_layers=2, max_seq_len=32, vocab_size=96, attn_config={"alibi": True})
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    hf = random_hf_model(seed=3, **HF_CONFIG)
+    folder = tmp_path_factory.mktemp("hf")
+    hf.save_pretrained(folder)
+    cfg, params = load_hf(folder, dtype="float32")
+    return hf, cfg, jax.tree.map(jnp.asarray, params)
+
+
+def reference(hf, context: list[int], continuation: list[int], max_length: int) -> tuple[float, bool]:
+    """float64 log-softmax of transformers' logits over the (left-cut) sequence, one request alone."""
+    full = (context + continuation)[-(max_length + 1) :]
+    with torch.no_grad():
+        logits = hf(torch.tensor([full[:-1]])).logits[0].double()
+    logp = torch.log_softmax(logits, -1)
+    n = len(continuation)
+    targets = torch.tensor(full[1:])[-n:]
+    picked = logp[-n:].gather(-1, targets[:, None])[:, 0]
+    greedy = bool((logits[-n:].argmax(-1) == targets).all())
+    return float(picked.sum()), greedy
+
+
+def test_loglikelihood_equals_transformers_batched_or_alone(models):
+    """Requests of different lengths (some cut on the left to max_length), scored alone (batch 1,
+    no padding) and together (batch 4, padded to a bucket): every sum within 1e-4 of the float64
+    log-softmax of transformers' logits, and the greedy flags agree."""
+    hf, cfg, params = models
+    rng = np.random.default_rng(0)
+    requests = []
+    for ctx_len, cont_len in [(1, 1), (5, 3), (12, 1), (30, 4), (3, 9), (40, 2), (7, 7)]:
+        requests.append((rng.integers(0, 96, ctx_len).tolist(), rng.integers(0, 96, cont_len).tolist()))
+    # a continuation that is the model's own greedy choice, so a True flag is checked too
+    ctx = rng.integers(0, 96, 6).tolist()
+    with torch.no_grad():
+        requests.append((ctx, [int(hf(torch.tensor([ctx])).logits[0, -1].argmax())]))
+    want = [reference(hf, c, x, cfg.max_seq_len) for c, x in requests]
+    assert any(g for _, g in want) and not all(g for _, g in want)
+    for batch_size in (1, 4):
+        got = Scorer(cfg, params, batch_size=batch_size).loglikelihood(requests)
+        for (s, g), (ws, wg) in zip(got, want, strict=True):
+            assert abs(s - ws) < 1e-4, (s, ws)
+            assert g == wg
+
+
+def test_choices_sharing_a_context_equal_transformers(models):
+    """Multiple-choice-shaped requests (contexts shared by 1-5 continuations of 1-6 tokens, one
+    context cut on the left) run each context once; every sum within 1e-4 of transformers'."""
+    hf, cfg, params = models
+    rng = np.random.default_rng(5)
+    requests = []
+    for ctx_len, n_choices in [(9, 4), (3, 2), (20, 5), (31, 3), (2, 1)]:
+        ctx = rng.integers(0, 96, ctx_len).tolist()
+        requests += [(ctx, rng.integers(0, 96, int(rng.integers(1, 7))).tolist()) for _ in range(n_choices)]
+    order = rng.permutation(len(requests))
+    requests = [requests[i] for i in order]
+    want = [reference(hf, c, x, cfg.max_seq_len) for c, x in requests]
+    for batch_size in (1, 4, 16):
+        got = Scorer(cfg, params, batch_size=batch_size).loglikelihood(requests)
+        for (s, g), (ws, wg) in zip(got, want, strict=True):
+            assert abs(s - ws) < 1e-4, (batch_size, s, ws)
+            assert g == wg
+
+
+def test_learned_positions_score_as_the_full_forward():
+    """A learned-position model (not in transformers' MPT): shared-context scoring equals the
+    log-softmax of our full forward pass (itself equal to llm-foundry's), padding positions past
+    the embedding table included."""
+    from test_model_reference import LEARNED_POS, make_cfg, random_params
+
+    from mpt_jax import MPT
+
+    cfg = make_cfg(**LEARNED_POS)
+    params = random_params(cfg, seed=2)
+    rng = np.random.default_rng(3)
+    n = cfg.max_seq_len
+    ctx = rng.integers(0, cfg.vocab_size, n - 3).tolist()
+    requests = [(ctx, rng.integers(0, cfg.vocab_size, k).tolist()) for k in (1, 2, 3)]
+    got = Scorer(cfg, params, batch_size=4).loglikelihood(requests)
+    for (c, x), (s, _) in zip(requests, got, strict=True):
+        full = c + x
+        logits = MPT(cfg).apply({"params": params}, jnp.asarray([full[:-1]]))[0]
+        logp = jax.nn.log_softmax(logits.astype(jnp.float64) if jax.config.x64_enabled else logits, -1)
+        want = sum(float(logp[len(c) - 1 + j, t]) for j, t in enumerate(x))
+        assert abs(s - want) < 1e-4 and np.isfinite(s)
+
+
+def test_target_scores_masks_padding():
+    """Masked positions (padding, context) change neither the sum nor the greedy flag."""
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(2, 5, 7)).astype(np.float32)
+    targets = rng.integers(0, 7, (2, 5))
+    mask = np.array([[0, 0, 1, 1, 0], [0, 1, 1, 1, 1]], bool)
+    sums, greedy = target_scores(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(mask))
+    logp = logits - np.log(np.exp(logits.astype(np.float64)).sum(-1, keepdims=True))
+    for b in range(2):
+        picked = logp[b, np.arange(5), targets[b]]
+        np.testing.assert_allclose(float(sums[b]), picked[mask[b]].sum(), rtol=1e-6)
+        assert bool(greedy[b]) == bool((logits[b].argmax(-1) == targets[b])[mask[b]].all())
+
+
+@pytest.mark.parametrize("n, max_length, stride", [(2, 4, None), (9, 4, None), (10, 4, 1), (23, 8, 3), (5, 8, 8)])
+def test_rolling_windows_score_every_token_once(n, max_length, stride):
+    """Every token after the first is a target exactly once; inputs never exceed max_length; with a
+    stride each window's context is as long as fits."""
+    windows = rolling_windows(n, max_length, stride)
+    scored = [t for _, first, end in windows for t in range(first, end)]
+    assert scored == list(range(1, n))
+    for start, first, end in windows:
+        assert end - start - 1 <= max_length
+        assert start == max(0, end - max_length - 1)
+        assert first > start
+
+
+def test_rolling_requests_add_up_to_the_full_sequence_logprob(models):
+    """A document shorter than max_length scores the same in one request or in strided windows
+    (ALiBi attends only within a window, so longer context can only change what it sees: here the
+    windows hold the whole prefix)."""
+    hf, cfg, params = models
+    tokens = np.random.default_rng(2).integers(0, 96, 20).tolist()
+    scorer = Scorer(cfg, params, batch_size=2)
+    whole = sum(s for s, _ in scorer.loglikelihood(rolling_requests(tokens, 32)))
+    strided = sum(s for s, _ in scorer.loglikelihood(rolling_requests(tokens, 32, stride=5)))
+    want = reference(hf, tokens[:1], tokens[1:], 32)[0]
+    assert abs(whole - want) < 1e-4 and abs(strided - want) < 1e-4
+
+
+def test_bad_requests_are_named():
+    with pytest.raises(ValueError, match="continuation is empty"):
+        layout([1], [], 8)
+    with pytest.raises(ValueError, match="context is empty"):
+        layout([], [1], 8)
+    with pytest.raises(ValueError, match="does not fit max_length=2"):
+        layout([1], [1, 2, 3], 2)
+    with pytest.raises(ValueError, match="stride=9"):
+        rolling_windows(10, 8, 9)
