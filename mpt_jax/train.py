@@ -193,16 +193,15 @@ class Trainer:
             return jax.jit(self._init_fn(), out_shardings=self.state_shardings)(rng, params)
 
     def _prepare_icl(self) -> list:
-        """The ``evals.icl_tasks`` tasks, their files read and prompts built now (errors before step 1)."""
+        """The ``evals.icl_tasks`` evaluations, their files read and prompts built once, now (errors
+        before step 1); every eval scores these."""
         e = self.config.get("evals")
         if e is None or not e.icl_tasks:
             return []
         from mpt_jax.eval import icl
 
         tasks = icl.tasks_from_file(e.icl_tasks)
-        for task in tasks:
-            icl.prepare(task, self.tok, self.cfg.max_seq_len)
-        return tasks
+        return [sub for task in tasks for sub in icl.prepare(task, self.tok, self.cfg.max_seq_len)]
 
     def _icl(self, params) -> dict[str, float]:
         """ICL metrics of ``params`` (``icl/<task>/<k>-shot/<metric>``, ``icl/category/<name>``)."""
@@ -213,13 +212,11 @@ class Trainer:
         e = self.config.evals
         scorer = Scorer(self.cfg, params, batch_size=e.icl_batch_size)
         generator = Generator(self.cfg, scorer.params, self.tok, max_batch=e.icl_batch_size)
-        results = icl.run_tasks(
+        results = icl.run_prepared(
             self._icl_tasks,
             scorer.loglikelihood,
             icl.generator_fn(generator),
             sandbox.check_program,
-            self.tok,
-            max_seq_len=self.cfg.max_seq_len,
             limit=e.icl_limit or None,
         )
         return icl.flat_metrics(results)

@@ -869,6 +869,21 @@ def run_tasks(
     any model call), then scored. ``max_seq_len`` is the model's context (tasks may set less);
     ``limit`` keeps each evaluation's first examples (few-shot examples still come from all)."""
     prepared = [sub for task in tasks for sub in prepare(task, tokenizer, max_seq_len)]
+    return run_prepared(prepared, loglikelihood, generate, check, pass_at_k=pass_at_k, limit=limit, seed=seed)
+
+
+def run_prepared(
+    prepared: Sequence[Subtask],
+    loglikelihood: LoglikelihoodFn | None,
+    generate: GenerateFn | None,
+    check: CheckFn | None,
+    *,
+    pass_at_k: PassAtK | None = None,
+    limit: int | None = None,
+    seed: int = 0,
+) -> ICLResults:
+    """``run_tasks`` on evaluations already built by ``prepare`` (training builds them once and
+    evaluates them at every eval)."""
     kinds = {s.task.icl_task_type for s in prepared}
     needs = {
         "loglikelihood": (loglikelihood, kinds & set(LOGLIKELIHOOD_TYPES)),

@@ -44,8 +44,8 @@ def target_scores(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> tup
 
 
 @functools.cache
-def _score_fn(cfg: MPTConfig, scan_layers: bool):
-    model = MPT(cfg, scan_layers=scan_layers)
+def _score_fn(cfg: MPTConfig):
+    model = MPT(cfg, scan_layers=False)
 
     def score(params, inputs, targets, mask):
         return target_scores(model.apply({"params": params}, inputs), targets, mask)
@@ -135,7 +135,7 @@ class Scorer:
                 f"max_length={self.max_length} exceeds max_seq_len={cfg.max_seq_len} of a learned position embedding"
             )
         self.params = unstack_layers(params, cfg.n_layers) if is_stacked(params) else params
-        self._score = _score_fn(cfg, False)
+        self._score = _score_fn(cfg)
 
     def loglikelihood(self, requests: Sequence[Request]) -> list[tuple[float, bool]]:
         """(sum of the continuation's log-probs, whether it is the greedy continuation) per request.
