@@ -183,11 +183,14 @@ class Attention(nn.Module):
         cache: Cache | None = None,
         cache_positions: jax.Array | None = None,
         prefill: bool = False,
+        attention_mask: jax.Array | None = None,
     ) -> tuple[jax.Array, Cache | None]:
         """(output, updated cache). Without a cache: self-attention over x. With one (this layer's
         k, v [B, T, Hkv, hd]) the new keys and values are written at ``cache_positions`` [B]
         onwards; ``prefill`` attends among the new tokens only (they start their rows), otherwise
-        the new queries attend to the whole cache, each row up to its own position."""
+        the new queries attend to the whole cache, each row up to its own position. With an
+        ``attention_mask`` [B, T, T] (no cache), ``positions`` are every token's own position, for
+        RoPE and ALiBi too."""
         cfg = self.cfg
         n_heads, n_kv, head_dim = cfg.n_heads, cfg.num_kv_heads, cfg.head_dim
 
@@ -221,15 +224,20 @@ class Attention(nn.Module):
         if cache is not None:
             row_positions = row_positions + cache_positions[:, None].astype(jnp.int32)
             total = cache_positions.astype(jnp.int32) + length
+        elif attention_mask is not None:  # a tree of sequences: positions are not the row index
+            row_positions = positions.astype(jnp.int32)
+            total = jnp.max(row_positions, axis=1) + 1
         if cfg.uses_temperature_tuning:  # Llama 4's attention temperature, by position in the document
             pos = (row_positions if positions is None else positions).astype(jnp.float32)
             floor = jnp.floor((pos + 1.0) / cfg.attn_temperature_floor_scale)
             temperature = jnp.log(floor + 1.0) * cfg.attn_temperature_attn_scale + 1.0
             q = (q.astype(jnp.float32) * temperature[:, :, None, None]).astype(q.dtype)
-        if cfg.rope:  # by position in the row, not restarted for packed documents
+        if cfg.rope:  # by position in the row (not restarted for packed documents), or in the tree
             q, k = apply_rope(q, k, row_positions, cfg, seq_len=total)
 
-        q_positions = None
+        q_positions = kv_positions = None
+        if attention_mask is not None:
+            q_positions = kv_positions = row_positions
         if cache is not None:
             new_cache = {
                 name: nn.with_logical_constraint(write_cache(cache[name], t, cache_positions), CACHE_AXES[1:])
@@ -246,6 +254,8 @@ class Attention(nn.Module):
             k,
             v,
             q_positions=q_positions,
+            kv_positions=kv_positions,
+            mask=attention_mask,
             causal=True,
             alibi_slopes=slopes,
             segment_ids=segment_ids,
@@ -295,13 +305,14 @@ class Block(nn.Module):
         positions: jax.Array | None,
         cache: Cache | None,
         cache_positions: jax.Array | None,
+        attention_mask: jax.Array | None = None,
     ) -> tuple[jax.Array, Cache | None]:
         cfg = self.cfg
         dropout = nn.Dropout(cfg.resid_pdrop, deterministic=self.deterministic)
         norm = (cfg.d_model,), ("embed",)
         h = Norm(cfg, *norm, name="norm_1")(x)
         attn = Attention(cfg, self.deterministic, name="attn")
-        h, cache = attn(h, segment_ids, positions, cache, cache_positions, self.prefill)
+        h, cache = attn(h, segment_ids, positions, cache, cache_positions, self.prefill, attention_mask)
         x = x + dropout(h)
         h = Norm(cfg, *norm, name="norm_2")(x)
         x = x + dropout(FeedForward(cfg, name="ffn")(h))
@@ -324,7 +335,14 @@ class MPT(nn.Module):
     (any ``attn_impl``); otherwise they attend to each row's cache up to their own position.
     Positions (RoPE, ALiBi, learned) count from the start of the row, so an ALiBi model decodes
     past ``max_seq_len`` when the cache is longer. ``logit_positions`` (int [batch, k]) computes
-    logits only there (a prefill needs the last prompt position's, not a [length, vocab] block).
+    logits only there (a prefill needs the last prompt position's, not a [length, vocab] block);
+    a flat [k] gives indices into all batch x length positions and logits [1, k, vocab].
+
+    Trees: ``attention_mask`` (bool [batch, length, length], True where query t may see key s;
+    no cache, no segment ids) with ``positions`` lays out sequences that share a beginning in one
+    row (a context, then each continuation positioned right after it and seeing only the context
+    and itself): every position-dependent term (learned embedding, RoPE, ALiBi, sliding window)
+    follows ``positions``. Scoring many continuations of one context runs the context once.
     """
 
     cfg: MPTConfig
@@ -342,12 +360,20 @@ class MPT(nn.Module):
         cache_positions: jax.Array | None = None,
         prefill: bool = False,
         logit_positions: jax.Array | None = None,
+        attention_mask: jax.Array | None = None,
     ) -> jax.Array | tuple[jax.Array, Cache]:
         cfg = self.cfg
         if tokens.ndim != 2:
             raise ValueError(f"MPT: tokens must be [batch, length], got shape {tokens.shape}")
         if (cache is None) != (cache_positions is None):
             raise ValueError("MPT: cache and cache_positions go together")
+        if attention_mask is not None:
+            if cache is not None or segment_ids is not None or positions is None:
+                raise ValueError("MPT: an attention_mask needs positions, and takes no cache or segment_ids")
+            if attention_mask.shape != (tokens.shape[0], tokens.shape[1], tokens.shape[1]):
+                raise ValueError(
+                    f"MPT: attention_mask {attention_mask.shape} is not [batch, length, length] {tokens.shape}"
+                )
         batch, length = tokens.shape
         if cache is not None:
             shape = cache_shape(cache)
@@ -381,22 +407,25 @@ class MPT(nn.Module):
                 block,
                 variable_axes={"params": 0},
                 split_rngs={"params": True, "dropout": True},
-                in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
+                in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, nn.broadcast),
                 length=cfg.n_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
             x, cache = blocks(cfg, deterministic, prefill, name="blocks")(
-                x, segment_ids, positions, cache, cache_positions
+                x, segment_ids, positions, cache, cache_positions, attention_mask
             )
         else:  # one module per layer: each layer's weights (and cache) are arrays of their own
             caches = []
             for i in range(cfg.n_layers):
                 layer = block(cfg, deterministic, prefill, name=f"{LAYERS}_{i}")
-                x, c = layer(x, segment_ids, positions, None if cache is None else cache[i], cache_positions)
+                layer_cache = None if cache is None else cache[i]
+                x, c = layer(x, segment_ids, positions, layer_cache, cache_positions, attention_mask)
                 caches.append(c)
             cache = None if cache is None else caches
 
-        if logit_positions is not None:  # only the rows' positions whose next token is wanted
+        if logit_positions is not None and logit_positions.ndim == 1:  # flat indices: [1, k, vocab]
+            x = jnp.take(x.reshape(-1, x.shape[-1]), logit_positions.astype(jnp.int32), axis=0)[None]
+        elif logit_positions is not None:  # only the rows' positions whose next token is wanted
             x = jnp.take_along_axis(x, logit_positions.astype(jnp.int32)[..., None], axis=1)
         h = Norm(cfg, (cfg.d_model,), ("embed",), name="norm_f")(x)
         if cfg.tie_word_embeddings:

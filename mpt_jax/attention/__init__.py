@@ -52,6 +52,8 @@ def attend(
     sliding_window: int | None = None,
     logit_softcap: float | None = None,
     q_positions: jax.Array | None = None,
+    kv_positions: jax.Array | None = None,
+    mask: jax.Array | None = None,
 ) -> jax.Array:
     """Multi-head attention with optional ALiBi, causal mask, sliding window, logit softcapping and
     packed-sequence segments.
@@ -85,6 +87,11 @@ def attend(
       q_positions: int [batch, q_len]: the key position of each query (a KV cache whose rows hold
         different lengths; keys are positions 0..kv_len-1, masked causally past each query). Runs
         through xla whatever ``impl`` is (decoding: a few queries against the cache).
+      kv_positions: int [batch, kv_len]: each key's position (default 0..kv_len-1), and
+      mask: bool [batch, q_len, kv_len] (True: the query may see the key): with q_positions they
+        lay out a tree of sequences in one row, e.g. continuations that share one context, each
+        positioned right after it (ALiBi, causality and the window follow the positions given).
+        Run through xla whatever ``impl`` is.
 
     Returns:
       [batch, q_len, heads, head_dim] in q's dtype.
@@ -103,6 +110,12 @@ def attend(
         raise ValueError(f"attend: q_len {q.shape[1]} exceeds kv_len {k.shape[1]}")
     if q_positions is not None and q_positions.shape != q.shape[:2]:
         raise ValueError(f"attend: q_positions shape {q_positions.shape} != (batch, q_len) {q.shape[:2]}")
+    if kv_positions is not None and kv_positions.shape != k.shape[:2]:
+        raise ValueError(f"attend: kv_positions shape {kv_positions.shape} != (batch, kv_len) {k.shape[:2]}")
+    if mask is not None and mask.shape != (q.shape[0], q.shape[1], k.shape[1]):
+        raise ValueError(
+            f"attend: mask shape {mask.shape} != (batch, q_len, kv_len) {(q.shape[0], q.shape[1], k.shape[1])}"
+        )
     if alibi_slopes is not None and alibi_slopes.shape != (q.shape[2],):
         raise ValueError(f"attend: alibi_slopes shape {alibi_slopes.shape} != ({q.shape[2]},)")
     q_seg = kv_seg = None
@@ -128,7 +141,7 @@ def attend(
         raise ValueError(
             f"attend: impl={impl!r} has no attention dropout (dropout_rate={dropout_rate}); use impl='xla'"
         )
-    if q_positions is not None:  # queries against a cache: the xla path handles per-row positions
+    if q_positions is not None or kv_positions is not None or mask is not None:  # per-row positions: xla
         impl = "xla"
     if impl == "pallas" and q.shape[1] > 1:
         kernel = functools.partial(
@@ -170,6 +183,8 @@ def attend(
             sliding_window=window,
             logit_softcap=softcap,
             q_positions=q_positions,
+            kv_positions=kv_positions,
+            mask=mask,
         )
     raise AssertionError(impl)  # unreachable: every name in IMPLS is handled above
 

@@ -54,12 +54,17 @@ def attention_bias(
     kv_segment_ids: jax.Array | None,
     sliding_window: int | None = None,
     q_positions: jax.Array | None = None,
+    kv_positions: jax.Array | None = None,
+    mask: jax.Array | None = None,
 ) -> jax.Array:
     """Additive float32 bias of shape [batch or 1, heads or 1, q_len, kv_len].
 
     Queries are aligned to the end of the keys (query i sits at key position i + kv_len - q_len),
     unless ``q_positions`` [batch, q_len] gives each query's key position (a KV cache whose rows
-    hold different lengths). ALiBi is ``-slope * |i - j|`` (for causal attention this equals
+    hold different lengths). Keys sit at 0..kv_len-1 unless ``kv_positions`` [batch, kv_len] says
+    otherwise, and ``mask`` [batch, q_len, kv_len] (True: visible) masks further: together they lay
+    out any tree of sequences in one row (continuations sharing one context, each placed after the
+    previous one but positioned right after the context). ALiBi is ``-slope * |i - j|`` (for causal attention this equals
     MPT's ``slope * (j - i)``; row constants do not change the softmax). A sliding window w keeps
     key j for the query at position i iff ``|i - j| <= w`` (flash-attn's ``window_size=(w, w)``);
     None is no window.
@@ -68,7 +73,10 @@ def attention_bias(
         q_pos = (jnp.arange(q_len, dtype=jnp.int32) + (kv_len - q_len))[None, None, :, None]
     else:
         q_pos = q_positions.astype(jnp.int32)[:, None, :, None]
-    kv_pos = jnp.arange(kv_len, dtype=jnp.int32)[None, None, None, :]
+    if kv_positions is None:
+        kv_pos = jnp.arange(kv_len, dtype=jnp.int32)[None, None, None, :]
+    else:
+        kv_pos = kv_positions.astype(jnp.int32)[:, None, None, :]
     bias = jnp.zeros((1, 1, q_len, kv_len), jnp.float32)
     if alibi_slopes is not None:
         distance = jnp.abs(q_pos - kv_pos).astype(jnp.float32)
@@ -81,6 +89,8 @@ def attention_bias(
     if q_segment_ids is not None:
         same = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
         allowed = allowed & same[:, None]
+    if mask is not None:
+        allowed = allowed & mask.astype(bool)[:, None]
     return jnp.where(allowed, bias, MASK_VALUE)
 
 
@@ -99,11 +109,13 @@ def attend_xla(
     sliding_window: int | None = None,
     logit_softcap: float | None = None,
     q_positions: jax.Array | None = None,
+    kv_positions: jax.Array | None = None,
+    mask: jax.Array | None = None,
 ) -> jax.Array:
     """q [B, S, H, D], k and v [B, T, Hkv, D] -> [B, S, H, D] in q's dtype.
 
     ``sliding_window`` and ``logit_softcap`` as checked by ``check_options`` (None: off);
-    ``q_positions`` as in ``attention_bias``.
+    ``q_positions``, ``kv_positions`` and ``mask`` as in ``attention_bias``.
     """
     batch, q_len, n_heads, head_dim = q.shape
     kv_len, n_kv = k.shape[1], k.shape[2]
@@ -117,14 +129,17 @@ def attend_xla(
         kv_segment_ids=kv_segment_ids,
         sliding_window=sliding_window,
         q_positions=q_positions,
+        kv_positions=kv_positions,
+        mask=mask,
     )
-    if group == 1:  # MHA: plain [B, H, S, T] scores (XLA's CPU dots are faster without a unit axis)
-        q_spec, kv_spec, s_spec = "bshd", "bthd", "bhst"
-    else:  # Head h uses kv head h // group: split the query heads as (kv head, member of group).
-        q = q.reshape(batch, q_len, n_kv, group, head_dim)
-        q_spec, kv_spec, s_spec = "bskgd", "btkd", "bkgst"
-        bias = bias[:, :, None] if bias.shape[1] == 1 else bias.reshape(bias.shape[0], n_kv, group, q_len, kv_len)
-    scores = jnp.einsum(f"{q_spec},{kv_spec}->{s_spec}", q, k, preferred_element_type=jnp.float32) * softmax_scale
+    # Heads first, then each kv head's query heads as extra query rows ([B, Hkv, group * S, D]):
+    # both products are plain batched matmuls (on a CPU several times faster than contracting in
+    # the [B, S, H, D] layout). Head h reads kv head h // group.
+    q = q.reshape(batch, q_len, n_kv, group, head_dim).transpose(0, 2, 3, 1, 4)
+    q = q.reshape(batch, n_kv, group * q_len, head_dim)
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    scores = jnp.einsum("bkqd,bktd->bkqt", q, k, preferred_element_type=jnp.float32) * softmax_scale
+    scores = scores.reshape(batch, n_heads, q_len, kv_len)
     if logit_softcap is not None:  # before the bias: ALiBi is not capped
         scores = logit_softcap * jnp.tanh(scores / logit_softcap)
     probs = jax.nn.softmax(scores + bias, axis=-1)
@@ -133,5 +148,7 @@ def attend_xla(
             raise ValueError("attend: dropout_rate > 0 needs a dropout_rng")
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
         probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
-    out = jnp.einsum(f"{s_spec},{kv_spec}->{q_spec}", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return out.reshape(batch, q_len, n_heads, head_dim).astype(v.dtype)
+    probs = probs.astype(v.dtype).reshape(batch, n_kv, group * q_len, kv_len)
+    out = jnp.einsum("bkqt,bktd->bkqd", probs, v, preferred_element_type=jnp.float32)
+    out = out.reshape(batch, n_heads, q_len, head_dim).transpose(0, 2, 1, 3)
+    return out.astype(v.dtype)
