@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -34,7 +35,8 @@ import numpy as np
 
 from mpt_jax.config import MPTConfig
 from mpt_jax.model import MPT, init_cache, is_stacked, unstack_layers
-from mpt_jax.sampling import SamplingParams, sample
+from mpt_jax.sampling import SamplingParams, choose, process_logits, token_logprobs
+from mpt_jax.sampling import top_logprobs as alternatives_of  # the name of Engine's argument
 
 MIN_BUCKET = 16
 FINISH_STOP, FINISH_LENGTH = "stop", "length"  # the OpenAI API's finish reasons
@@ -56,6 +58,11 @@ class Engine:
     the tokens each row holds, sampling settings, random keys) lives on the device. The model runs
     in the params' layout: stacked (``MPT(cfg)``) or per layer (``model.unstack_layers``, with a
     cache per layer: on a CPU it decodes 2-3x faster, as nothing is copied out of stacked arrays).
+
+    ``top_logprobs`` (static, compiled in) is how many alternatives each sampled token comes with:
+    with ``k > 0``, ``insert`` and ``step`` also return the ``k`` most likely tokens and their
+    log-probs (``sampling.top_logprobs``: the distribution the token was drawn from; ``-inf`` for
+    filtered tokens). 0 computes nothing extra. More than the vocabulary is capped at its size.
     """
 
     def __init__(
@@ -68,7 +75,10 @@ class Engine:
         cache_dtype: str | None = None,
         mesh: jax.sharding.Mesh | None = None,
         rules: Any = None,
+        top_logprobs: int = 0,
     ):
+        if top_logprobs < 0:
+            raise ValueError(f"top_logprobs={top_logprobs} must be >= 0 (0: no alternatives)")
         if cfg.uses_learned_pos_emb and cache_len > cfg.max_seq_len:
             raise ValueError(
                 f"a cache of {cache_len} positions exceeds max_seq_len={cfg.max_seq_len}: learned position "
@@ -76,6 +86,7 @@ class Engine:
             )
         self.cfg, self.params, self.rows, self.cache_len = cfg, params, rows, cache_len
         self.mesh = mesh
+        self.top_logprobs = k = min(top_logprobs, cfg.vocab_size)
         from mpt_jax.sharding import DEFAULT_RULES, cache_shardings
 
         self.rules = rules or DEFAULT_RULES
@@ -118,7 +129,7 @@ class Engine:
                 lambda c, u: c.at[..., rows_, : u.shape[-3], :, :].set(u.astype(c.dtype)), cache, chunk
             )
             new_keys = jax.random.key_data(jax.vmap(jax.random.key)(seeds))
-            tok, logp = draw(last, sampling, new_keys, lengths, prompt_context)
+            tok, logp, top = draw(last, sampling, new_keys, lengths, prompt_context)
             prompt_context = prompt_context.at[jnp.arange(rows_.shape[0]), lengths].set(tok)
             state = (
                 cache,
@@ -128,21 +139,24 @@ class Engine:
                 jax.tree.map(lambda a, b: a.at[rows_].set(b), all_sampling, sampling),
                 next_tokens.at[rows_].set(tok),
             )
-            return state, tok, logp
+            return state, tok, logp, top
 
         def decode(params, cache, tokens, positions, context, sampling, keys):
             """One fused step: feed each row its pending token, sample the next, record it."""
             logits, cache = model.apply({"params": params}, tokens[:, None], cache=cache, cache_positions=positions)
             positions = jnp.minimum(positions + 1, cache_len - 1)
-            new, logprobs = draw(logits[:, 0], sampling, keys, positions, context)
+            new, logprobs, top = draw(logits[:, 0], sampling, keys, positions, context)
             context = context.at[jnp.arange(context.shape[0]), positions].set(new)
-            return cache, positions, context, new, logprobs
+            return cache, positions, context, new, logprobs, top
 
         def draw(logits, sampling, keys, positions, context):
-            """Row r samples with key fold_in(keys[r], positions[r]): its own seed and position only."""
+            """Row r samples with key fold_in(keys[r], positions[r]): its own seed and position only.
+            Returns tokens, their log-probs, and () or the k alternatives (ids, log-probs)."""
             mask = jnp.arange(context.shape[1])[None, :] < positions[:, None]
             row_keys = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(keys), positions)
-            return sample(logits, sampling, row_keys, context=context, context_mask=mask)
+            processed = process_logits(logits, sampling, context=context, context_mask=mask)
+            tokens = choose(processed, sampling, row_keys)
+            return tokens, token_logprobs(processed, tokens), alternatives_of(processed, k) if k else ()
 
         self._prefill = jax.jit(prefill)
         self._admit = jax.jit(admit, donate_argnums=(0,))
@@ -161,9 +175,10 @@ class Engine:
 
     def insert(
         self, rows: Sequence[int], prompts: Sequence[Sequence[int]], sampling: SamplingParams, seeds: Sequence[int]
-    ) -> tuple[np.ndarray, np.ndarray]:
+    ) -> tuple[np.ndarray, ...]:
         """Prefills ``prompts`` into ``rows`` (their old content is dropped) and samples each row's
-        first token; returns (tokens, logprobs) for those rows. ``sampling`` has one entry per prompt."""
+        first token; returns (tokens, logprobs) for those rows, and with ``top_logprobs > 0`` also
+        the alternatives' (ids, logprobs), ``[n, k]`` each. ``sampling`` has one entry per prompt."""
         n = len(rows)
         if not (n == len(prompts) == len(seeds) == sampling.temperature.shape[0]) or n == 0:
             raise ValueError(f"Engine.insert: {n} rows, {len(prompts)} prompts, {len(seeds)} seeds must agree (> 0)")
@@ -186,47 +201,57 @@ class Engine:
         seed_ids = np.asarray([seeds[j] for j in order], np.uint32)
         state = (self.cache, self.context, self.positions, self.keys, self.sampling, self.next_tokens)
         with self._context():
-            state, tok, logp = self._admit(
+            state, tok, logp, top = self._admit(
                 state, chunk, last, jnp.asarray(row_ids), jnp.asarray(lens), jnp.asarray(context), seed_ids, padded
             )
         self.cache, self.context, self.positions, self.keys, self.sampling, self.next_tokens = state
-        return np.asarray(tok)[:n], np.asarray(logp)[:n]
+        return tuple(np.asarray(x)[:n] for x in (tok, logp, *top))
 
-    def step(self) -> tuple[np.ndarray, np.ndarray]:
-        """Feeds every row its pending token and samples the next: (tokens, logprobs), [rows] each.
-        Rows whose request is over decode too (their output is ignored); free rows hold garbage."""
+    def step(self) -> tuple[np.ndarray, ...]:
+        """Feeds every row its pending token and samples the next: (tokens, logprobs), [rows] each,
+        and with ``top_logprobs > 0`` the alternatives' (ids, logprobs), [rows, k] each. Rows whose
+        request is over decode too (their output is ignored); free rows hold garbage."""
         with self._context():
-            self.cache, self.positions, self.context, self.next_tokens, logprobs = self._decode(
+            self.cache, self.positions, self.context, self.next_tokens, logprobs, top = self._decode(
                 self.params, self.cache, self.next_tokens, self.positions, self.context, self.sampling, self.keys
             )
-        return np.asarray(self.next_tokens), np.asarray(logprobs)
+        return tuple(np.asarray(x) for x in (self.next_tokens, logprobs, *top))
 
 
 # ------------------------------------------------------------------------------------------------
 # Requests, completions and the generator.
 
 
+# A token's alternatives: (token id, log-prob) pairs, most likely first.
+Alternatives = list[tuple[int, float]]
+
+
 @dataclasses.dataclass
 class Completion:
-    """One prompt's result (the OpenAI API's names)."""
+    """One prompt's result (the OpenAI API's names). ``top_logprobs``: each token's alternatives,
+    with ``logprobs=True`` from a ``Generator`` made with ``top_logprobs > 0``."""
 
     prompt_tokens: list[int]
     token_ids: list[int]
     text: str | None
     finish_reason: str
     logprobs: list[float] | None = None
+    top_logprobs: list[Alternatives] | None = None
 
 
 @dataclasses.dataclass
 class StreamEvent:
     """One new token of prompt ``index``; ``text`` is the text it completes (may be empty while a
-    multi-byte character or a possible stop string is pending); the last event has ``finish_reason``."""
+    multi-byte character or a possible stop string is pending); the last event has ``finish_reason``.
+    ``top``: the token's alternatives when the engine computes them (its ``top_logprobs``; tokens
+    the sampling filters removed are left out, so there may be fewer), else None."""
 
     index: int
     token_id: int | None
     text: str
     logprob: float | None
     finish_reason: str | None = None
+    top: Alternatives | None = None
 
 
 @dataclasses.dataclass
@@ -321,40 +346,42 @@ class Batcher:
             batch = [self.waiting.popleft() for _ in range(min(len(free), len(self.waiting)))]
             rows = free[: len(batch)]
             sampling = jax.tree.map(lambda *xs: jnp.concatenate(xs), *[r.sampling for r in batch])
-            tokens, logprobs = self.engine.insert(rows, [r.prompt for r in batch], sampling, [r.seed for r in batch])
-            for row, req, tok, lp in zip(rows, batch, tokens, logprobs, strict=True):
+            out = self.engine.insert(rows, [r.prompt for r in batch], sampling, [r.seed for r in batch])
+            for i, (row, req) in enumerate(zip(rows, batch, strict=True)):
                 self.active[row] = req
-                events.append(self._advance(req, int(tok), float(lp)))
+                events.append(self._advance(req, int(out[0][i]), float(out[1][i]), _alternatives(out[2:], i)))
                 if req.finish:
                     del self.active[row]
             return events
         if not self.active:
             return events
-        tokens, logprobs = self.engine.step()
+        out = self.engine.step()
         for row in list(self.active):
             req = self.active[row]
-            events.append(self._advance(req, int(tokens[row]), float(logprobs[row])))
+            events.append(self._advance(req, int(out[0][row]), float(out[1][row]), _alternatives(out[2:], row)))
             if req.finish:
                 del self.active[row]
         return events
 
-    def _advance(self, req: Request, token: int, logprob: float) -> StreamEvent:
+    def _advance(self, req: Request, token: int, logprob: float, top: Alternatives | None) -> StreamEvent:
         """Records one sampled token of ``req``; its event (and whether it ends the request)."""
         if token in req.stop_ids:
             req.finish = FINISH_STOP
-            return self._event(req, None, logprob, final=True)
+            return self._event(req, None, logprob, None, final=True)
         req.tokens.append(token)
         req.logprobs.append(logprob)
         held = len(req.prompt) + len(req.tokens)
         if len(req.tokens) >= req.max_new_tokens or held >= self.engine.cache_len:
             req.finish = FINISH_LENGTH
-        return self._event(req, token, logprob, final=req.finish is not None)
+        return self._event(req, token, logprob, top, final=req.finish is not None)
 
-    def _event(self, req: Request, token: int | None, logprob: float | None, *, final: bool) -> StreamEvent:
+    def _event(
+        self, req: Request, token: int | None, logprob: float | None, top: Alternatives | None, *, final: bool
+    ) -> StreamEvent:
         """The text ``req`` adds with this token: decoded so far minus what was emitted, holding back
         an unfinished character and anything that could still become a stop string."""
         if self.tokenizer is None:
-            return StreamEvent(req.id, token, "", logprob, req.finish)
+            return StreamEvent(req.id, token, "", logprob, req.finish, top)
         text = self.tokenizer.decode(req.tokens)
         cut = _first_stop(text, req.stop_strings)
         if cut is not None:
@@ -367,7 +394,16 @@ class Batcher:
             text = text[: max(end, req.emitted)]
         delta = text[req.emitted :]
         req.emitted = len(text)
-        return StreamEvent(req.id, token, delta, logprob, req.finish if final else None)
+        return StreamEvent(req.id, token, delta, logprob, req.finish if final else None, top)
+
+
+def _alternatives(top: tuple[np.ndarray, ...], row: int) -> Alternatives | None:
+    """Row ``row``'s alternatives from an engine's extra outputs (ids, logprobs), the tokens the
+    filters removed (``-inf``) left out; None when the engine computes none."""
+    if not top:
+        return None
+    ids, logprobs = top[0][row].tolist(), top[1][row].tolist()
+    return [(i, lp) for i, lp in zip(ids, logprobs, strict=True) if lp != -math.inf]
 
 
 class Generator:
@@ -378,7 +414,9 @@ class Generator:
     (prompts beyond it wait for a free row); the cache holds up to ``cfg.max_seq_len`` positions
     (load with a larger ``max_seq_len`` to run an ALiBi or RoPE model past its training length).
     It decodes with the per-layer params layout: stacked params are unstacked into a copy (load
-    with ``scan_layers=False`` to have that layout without ever holding both).
+    with ``scan_layers=False`` to have that layout without ever holding both). ``top_logprobs``:
+    how many alternatives each token comes with (``Engine``'s; ``StreamEvent.top`` and, with
+    ``logprobs=True``, ``Completion.top_logprobs``).
     """
 
     def __init__(
@@ -391,12 +429,16 @@ class Generator:
         cache_dtype: str | None = None,
         mesh: jax.sharding.Mesh | None = None,
         rules: Any = None,
+        top_logprobs: int = 0,
     ):
         if max_batch < 1:
             raise ValueError(f"max_batch={max_batch} must be positive")
+        if top_logprobs < 0:
+            raise ValueError(f"top_logprobs={top_logprobs} must be >= 0 (0: no alternatives)")
         self.cfg, self.tokenizer = cfg, tokenizer
         self.params = unstack_layers(params, cfg.n_layers)
         self.max_batch, self.cache_dtype, self.mesh, self.rules = max_batch, cache_dtype, mesh, rules
+        self.top_logprobs = top_logprobs
         self._engine: Engine | None = None
 
     def engine(self, rows: int, cache_len: int) -> Engine:
@@ -412,6 +454,7 @@ class Generator:
                 cache_dtype=self.cache_dtype,
                 mesh=self.mesh,
                 rules=self.rules,
+                top_logprobs=self.top_logprobs,
             )
         return e
 
@@ -516,16 +559,21 @@ class Generator:
             yield from batcher.step()
 
     def generate(self, prompts: Sequence[str | Sequence[int]], *, logprobs: bool = False, **kwargs) -> list[Completion]:
-        """Completions of ``prompts`` (same keyword arguments as ``stream``), in prompt order."""
+        """Completions of ``prompts`` (same keyword arguments as ``stream``), in prompt order; with
+        ``logprobs``, each token's log-prob and (``top_logprobs > 0``) its alternatives."""
         truncate, room = kwargs.get("truncate"), kwargs.get("max_new_tokens", 64)
         ids = self.encode_prompts(prompts, truncate=truncate, room=room)
-        out = [Completion(p, [], "" if self.tokenizer else None, "", [] if logprobs else None) for p in ids]
+        top = logprobs and self.top_logprobs > 0
+        text = "" if self.tokenizer else None
+        out = [Completion(p, [], text, "", [] if logprobs else None, [] if top else None) for p in ids]
         for ev in self.stream(ids, **{k: v for k, v in kwargs.items() if k != "truncate"}):
             c = out[ev.index]
             if ev.token_id is not None:
                 c.token_ids.append(ev.token_id)
                 if logprobs:
                     c.logprobs.append(ev.logprob)
+                if top:
+                    c.top_logprobs.append(ev.top)
             if c.text is not None:
                 c.text += ev.text
             if ev.finish_reason:

@@ -294,6 +294,40 @@ def row_keys(key: jax.Array, batch: int) -> jax.Array:
     raise ValueError(f"sample: key must be one PRNG key or {batch} of them (one per row), got shape {key.shape}")
 
 
+def top_logprobs(processed: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    """The ``k`` most likely tokens of each row: ids ``[B, k]`` int32 and log-probs ``[B, k]`` float32.
+
+    ``processed`` is what the rows draw from (``process_logits``' output), so the alternatives and
+    their log-probs are under the same distribution ``sample`` reports the chosen token's log-prob
+    from (filtered and renormalized for sampled rows, the penalized softmax for greedy ones): the
+    chosen token is among them with the same value when it is likely enough. Most likely first;
+    equal values in id order, so a greedy row's token (``argmax``: the first index) comes first.
+    Tokens the filters removed come back with ``-inf`` (a row that kept fewer than ``k`` tokens
+    ends with such entries): they are not alternatives, and callers drop them. ``k`` is static and
+    at most the vocabulary size.
+    """
+    if not 0 < k <= processed.shape[-1]:
+        raise ValueError(f"top_logprobs: k={k} must be in [1, {processed.shape[-1]}] (the vocabulary size)")
+    logprobs = jax.nn.log_softmax(processed.astype(jnp.float32), axis=-1)
+    values, ids = jax.lax.top_k(logprobs, k)
+    return ids.astype(jnp.int32), values
+
+
+def choose(processed: jax.Array, params: SamplingParams, key: jax.Array) -> jax.Array:
+    """Next tokens ``[B]`` int32 from ``process_logits``' output: a draw for rows with
+    ``temperature > 0``, the argmax (first index on ties, like ``torch.argmax``) for greedy rows.
+    ``key`` as in ``sample``."""
+    keys = row_keys(key, processed.shape[0])
+    sampled = params.temperature > 0
+    greedy = jnp.argmax(processed, axis=-1)
+    # The Gumbel noise (one random number per vocabulary entry and row) is most of the cost on a
+    # CPU, so an all-greedy batch skips it.
+    drawn = jax.lax.cond(
+        jnp.any(sampled), lambda: jax.vmap(jax.random.categorical)(keys, processed).astype(greedy.dtype), lambda: greedy
+    )
+    return jnp.where(sampled, drawn, greedy).astype(jnp.int32)
+
+
 def sample(
     logits: jax.Array,
     params: SamplingParams,
@@ -309,18 +343,11 @@ def sample(
     log-prob is the chosen token's under the distribution it came from: the processed (filtered,
     renormalized) one for sampled rows, and ``log_softmax`` of the penalized logits for greedy rows
     (the point mass greedy really draws from would always give 0, which says nothing).
+    ``top_logprobs`` gives the most likely alternatives under that same distribution.
 
     ``key`` is one PRNG key (row ``i`` uses ``fold_in(key, i)``) or one key per row, which lets a
     request keep its own seed whichever slot it lands in. Same keys, same tokens.
     """
     processed = process_logits(logits, params, context=context, context_mask=context_mask)
-    keys = row_keys(key, processed.shape[0])
-    sampled = params.temperature > 0
-    greedy = jnp.argmax(processed, axis=-1)
-    # The Gumbel noise (one random number per vocabulary entry and row) is most of the cost on a
-    # CPU, so an all-greedy batch skips it.
-    drawn = jax.lax.cond(
-        jnp.any(sampled), lambda: jax.vmap(jax.random.categorical)(keys, processed).astype(greedy.dtype), lambda: greedy
-    )
-    tokens = jnp.where(sampled, drawn, greedy).astype(jnp.int32)
+    tokens = choose(processed, params, key)
     return tokens, token_logprobs(processed, tokens)

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.special
 from hf_utils import random_hf_model
 from test_model_reference import GQA, LEARNED_POS, MQA, make_cfg, random_params, random_tokens
 
@@ -20,6 +21,7 @@ from mpt_jax import MPT
 from mpt_jax.generate import Generator, bucket
 from mpt_jax.hf import load_hf
 from mpt_jax.model import init_cache, unstack_layers
+from mpt_jax.sampling import SamplingParams
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -183,6 +185,47 @@ def test_stop_token_and_max_new_tokens_and_logprobs():
     first = greedy.token_ids.index(stop_at)
     stopped = gen.generate([[4, 5, 6]], max_new_tokens=8, temperature=0.0, stop_token_ids=[stop_at])[0]
     assert stopped.token_ids == greedy.token_ids[:first] and stopped.finish_reason == "stop"
+
+
+def test_alternatives_are_the_models_log_softmax_and_cost_nothing_when_off():
+    """``top_logprobs=5``: a greedy row's alternatives are the 5 most likely tokens of a float64
+    log_softmax of the full forward's logits at each step (its token first, with its log-prob); a
+    sampled row with top_k=3 reports its 3 kept tokens, renormalized. Tokens and log-probs are the
+    same as without alternatives, and an engine without them returns only (tokens, logprobs)."""
+    from mpt_jax.generate import Engine
+
+    cfg, params = _small()
+    kw = dict(max_new_tokens=8, temperature=[0.0, 1.5], top_k=[0, 3], seed=4, stop_token_ids=[], logprobs=True)
+    prompts = [[4, 5, 6], [1, 2]]
+    got = Generator(cfg, params, max_batch=2, top_logprobs=5).generate(prompts, **kw)
+    plain = Generator(cfg, params, max_batch=2).generate(prompts, **kw)
+    for g, p in zip(got, plain, strict=True):
+        assert g.token_ids == p.token_ids and p.top_logprobs is None
+        np.testing.assert_allclose(g.logprobs, p.logprobs, atol=1e-6)
+        assert len(g.top_logprobs) == len(g.token_ids) == 8
+
+    greedy = got[0]
+    seq = prompts[0] + greedy.token_ids
+    logits = np.asarray(MPT(cfg).apply({"params": params}, jnp.asarray([seq])))[0]
+    ref = scipy.special.log_softmax(logits.astype(np.float64), axis=-1)
+    for t, alternatives in enumerate(greedy.top_logprobs):
+        step = ref[len(prompts[0]) - 1 + t]
+        want = np.argsort(-step, kind="stable")[:5]
+        assert [i for i, _ in alternatives] == want.tolist()
+        np.testing.assert_allclose([lp for _, lp in alternatives], step[want], atol=1e-5)
+        assert alternatives[0] == (greedy.token_ids[t], greedy.logprobs[t])
+
+    sampled = got[1]
+    for token, logprob, alternatives in zip(sampled.token_ids, sampled.logprobs, sampled.top_logprobs, strict=True):
+        assert len(alternatives) == 3  # top_k=3: the filtered tokens are not alternatives
+        assert dict(alternatives)[token] == pytest.approx(logprob, abs=1e-6)
+        assert np.exp([lp for _, lp in alternatives]).sum() == pytest.approx(1.0, abs=1e-5)
+
+    engine = Engine(cfg, params, rows=1, cache_len=16)
+    assert len(engine.insert([0], [[1, 2]], SamplingParams.greedy(1), [0])) == 2 and len(engine.step()) == 2
+    assert Engine(cfg, params, rows=1, cache_len=16, top_logprobs=1000).top_logprobs == cfg.vocab_size
+    with pytest.raises(ValueError, match="top_logprobs=-1"):
+        Generator(cfg, params, top_logprobs=-1)
 
 
 class _CharTokenizer:

@@ -17,7 +17,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from mpt_jax.sampling import SamplingParams, process_logits, sample, token_logprobs
+from mpt_jax.sampling import SamplingParams, process_logits, sample, token_logprobs, top_logprobs
 
 V = 1000
 T = 24
@@ -293,6 +293,53 @@ def test_token_logprobs_matches_torch():
     got = np.asarray(token_logprobs(jnp.asarray(logits), jnp.asarray(tokens)))
     want = torch.log_softmax(torch.tensor(logits), -1).gather(-1, torch.tensor(tokens)[..., None])[..., 0].numpy()
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+top_jit = jax.jit(top_logprobs, static_argnums=1)
+
+
+def test_top_logprobs_are_the_most_likely_of_the_distribution_sampled_from():
+    """Against transformers' chain, in float64: the k most likely tokens of what each row draws
+    from (filtered and renormalized; penalized only for the greedy row), the filtered-out ones
+    reported as -inf, and the sampled token's log-prob equal to its entry there."""
+    rng = np.random.default_rng(11)
+    logits = (rng.normal(size=(len(MIXED), V)) * rng.uniform(0.5, 4, size=(len(MIXED), 1))).astype(np.float32)
+    logits[2, 5] += 12  # a peaked row: top-p keeps few tokens
+    context, mask = make_context(len(logits), seed=12)
+    params = SamplingParams.make(len(logits), **mixed_params())
+    k = 12
+    processed = process(jnp.asarray(logits), params, context=jnp.asarray(context), context_mask=jnp.asarray(mask))
+    ids, values = (np.asarray(x) for x in top_jit(processed, k))
+    assert ids.shape == values.shape == (len(MIXED), k) and ids.dtype == np.int32
+    tokens, logprobs = _sample(logits, params, jax.random.key(5), context, mask)
+    kept_counts = []
+    for b, (t, tk, p, mp, pen) in enumerate(MIXED):
+        ref = hf_chain(logits[b], context[b][mask[b]], temperature=t, top_k=tk, top_p=p, min_p=mp, penalty=pen)
+        ref = torch.log_softmax(torch.tensor(ref, dtype=torch.float64), -1).numpy()
+        order = np.argsort(-ref, kind="stable")[:k]
+        kept = np.isfinite(ref[order])
+        kept_counts.append(int(kept.sum()))
+        np.testing.assert_array_equal(ids[b][kept], order[kept])
+        np.testing.assert_allclose(values[b][kept], ref[order][kept], rtol=1e-5, atol=1e-5)
+        assert np.all(values[b][~kept] == -np.inf), "a filtered-out token was reported as an alternative"
+        assert np.all(values[b][:-1] >= values[b][1:])  # most likely first
+        if tokens[b] in ids[b]:
+            assert values[b][list(ids[b]).index(tokens[b])] == pytest.approx(logprobs[b], abs=1e-6)
+    greedy = [b for b, row in enumerate(MIXED) if row[0] == 0]
+    assert greedy and all(ids[b][0] == tokens[b] for b in greedy)  # greedy's token is the first alternative
+    assert min(kept_counts) < k <= max(kept_counts), "some row should keep fewer than k tokens, another more"
+
+
+def test_top_logprobs_order_ties_by_id_and_check_k():
+    flat = jnp.zeros((2, 10)).at[1, 7].set(1.0)
+    ids, values = top_jit(flat, 4)
+    np.testing.assert_array_equal(np.asarray(ids), [[0, 1, 2, 3], [7, 0, 1, 2]])
+    np.testing.assert_allclose(np.asarray(values)[0], np.log(0.1), rtol=1e-6)
+    greedy, _ = _sample(np.asarray(flat), SamplingParams.greedy(2), jax.random.key(0))
+    np.testing.assert_array_equal(greedy, np.asarray(ids)[:, 0])  # argmax and top_k break ties alike
+    for bad in (0, 11):
+        with pytest.raises(ValueError, match=rf"k={bad} must be in \[1, 10\]"):
+            top_logprobs(flat, bad)
 
 
 def test_params_are_a_pytree_with_row_helpers():

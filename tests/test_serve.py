@@ -21,12 +21,15 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import openai
 import pytest
+import scipy.special
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
-from mpt_jax import MPTConfig
+from mpt_jax import MPT, MPTConfig
 from mpt_jax.checkpoint import save_model
 from mpt_jax.data.tokenizer import train_bpe
 from mpt_jax.generate import Batcher, Generator, Request
@@ -183,13 +186,121 @@ def test_completions_greedy_equal_generate_streamed_and_not(client, reference, l
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == len(want[2].token_ids)
 
 
+def token_bytes(name: str) -> bytes:
+    """A completions token's bytes: OpenAI writes a piece of a multi-byte character as ``bytes:\\xe2\\x80``."""
+    if name.startswith("bytes:"):
+        return bytes(int(h, 16) for h in name.removeprefix("bytes:").split("\\x")[1:])
+    return name.encode("utf-8")
+
+
 def test_completions_logprobs_are_the_sampled_tokens(client, reference):
     want = reference.generate([PROMPTS[0]], max_new_tokens=6, temperature=0.0, logprobs=True)[0]
     got = client.completions.create(model=NAME, prompt=PROMPTS[0], max_tokens=6, temperature=0, logprobs=1)
     lp = got.choices[0].logprobs
     assert lp.token_logprobs == pytest.approx(want.logprobs, abs=1e-5)
-    assert "".join(lp.tokens) == got.choices[0].text or got.choices[0].finish_reason == "stop"
-    assert lp.text_offset[0] == len(PROMPTS[0]) and lp.top_logprobs is None
+    spelled = b"".join(token_bytes(t) for t in lp.tokens).decode("utf-8", errors="replace")
+    assert spelled == got.choices[0].text or got.choices[0].finish_reason == "stop"
+    assert lp.text_offset[0] == len(PROMPTS[0])
+    assert [list(top) for top in lp.top_logprobs] == [[t] for t in lp.tokens]  # greedy: the token is the likeliest
+
+
+def model_log_softmax(loaded, ids: list[int]) -> np.ndarray:
+    """float64 log_softmax of the model's own logits over ``ids`` (one forward pass, no cache):
+    row ``i`` is the distribution of the token after ``ids[: i + 1]``."""
+    cfg, params, _ = loaded
+    logits = MPT(cfg, scan_layers=False).apply({"params": params}, jnp.asarray([ids]))[0]
+    return scipy.special.log_softmax(np.asarray(logits, np.float64), axis=-1)
+
+
+def expected_top(service, ref: np.ndarray, prompt_len: int, n_tokens: int, n: int) -> list[list[tuple[str, float]]]:
+    """Per generated token, the ``n`` likeliest (name, log-prob, id) under ``ref``, most likely first."""
+    out = []
+    for t in range(n_tokens):
+        step = ref[prompt_len - 1 + t]
+        top = np.argsort(-step, kind="stable")[:n]
+        out.append([(service.names.name(int(i)), step[i], int(i)) for i in top])
+    return out
+
+
+def test_completions_top_logprobs_equal_the_models_log_softmax(client, reference, service, loaded):
+    """Greedy, streamed and not: ``top_logprobs[t]`` holds the N likeliest tokens of a float64
+    log_softmax of the model's logits after prompt + the first t tokens, most likely first, the
+    chosen token first with its ``token_logprobs`` value; N is respected and 0 gives empty dicts."""
+    tok = loaded[2]
+    ids = tok.encode(PROMPTS[0])
+    want = reference.generate([PROMPTS[0]], max_new_tokens=8, temperature=0.0)[0]
+    ref = model_log_softmax(loaded, ids + want.token_ids)
+    expected = expected_top(service, ref, len(ids), len(want.token_ids), 5)
+    kw = dict(model=NAME, prompt=PROMPTS[0], max_tokens=8, temperature=0)
+    for n in (5, 2, 0):
+        whole = client.completions.create(**kw, logprobs=n).choices[0].logprobs
+        chunks = [c.choices[0].logprobs for c in client.completions.create(**kw, logprobs=n, stream=True)]
+        streamed = [top for lp in chunks if lp is not None for top in lp.top_logprobs]
+        assert whole.tokens == [service.names.name(t) for t in want.token_ids]
+        for tops in (whole.top_logprobs, streamed):
+            assert len(tops) == len(want.token_ids)
+            for t, (got, exp) in enumerate(zip(tops, expected, strict=True)):
+                assert list(got) == [e[0] for e in exp[:n]]  # N distinct names, most likely first
+                assert list(got.values()) == pytest.approx([e[1] for e in exp[:n]], abs=1e-4)
+                if n:
+                    assert next(iter(got.items())) == (whole.tokens[t], pytest.approx(whole.token_logprobs[t]))
+
+
+def test_sampled_top_logprobs_stay_inside_the_nucleus(client, reference, service, loaded):
+    """temperature=1, top_p=0.5: each token's alternatives are the likeliest tokens of the nucleus
+    (float64 reference from the model's logits), renormalized over it; tokens outside it never."""
+    tok = loaded[2]
+    ids = tok.encode(PROMPTS[3])
+    kw = dict(max_new_tokens=12, temperature=1.0, top_p=0.5, seed=2)
+    want = reference.generate([PROMPTS[3]], **kw)[0]
+    ref = model_log_softmax(loaded, ids + want.token_ids)
+    got = client.completions.create(
+        model=NAME, prompt=PROMPTS[3], max_tokens=12, temperature=1.0, top_p=0.5, seed=2, logprobs=5
+    )
+    assert got.choices[0].text == want.text
+    lp = got.choices[0].logprobs
+    sizes = []
+    for t, top in enumerate(lp.top_logprobs):
+        step = ref[len(ids) - 1 + t]
+        order = np.argsort(-step, kind="stable")
+        mass = np.cumsum(np.exp(step[order]))
+        nucleus = order[: int(np.searchsorted(mass, 0.5)) + 1]  # the fewest likeliest tokens holding 0.5
+        norm = scipy.special.logsumexp(step[nucleus])
+        assert list(top) == [service.names.name(int(i)) for i in nucleus[:5]]
+        assert list(top.values()) == pytest.approx(list(step[nucleus[:5]] - norm), abs=1e-4)
+        assert top.get(lp.tokens[t], lp.token_logprobs[t]) == pytest.approx(lp.token_logprobs[t], abs=1e-6)
+        sizes.append(len(top))
+    assert min(sizes) < 5, "some step's nucleus should hold fewer than 5 tokens"
+
+
+def test_chat_top_logprobs_equal_the_models_log_softmax(client, reference, service, loaded):
+    """Chat, greedy, streamed and not: per content token ``top_logprobs`` is N ``{token, logprob,
+    bytes}`` (the float64 reference's likeliest, the chosen token first); the tokens' bytes spell
+    the reply; ``top_logprobs`` 0 or left out gives empty lists."""
+    tok = loaded[2]
+    messages = [{"role": "user", "content": "hello world"}]
+    fmt = prompt_format(tok)
+    ids = tok.encode(render_chat(messages, fmt, tok))
+    want = reference.generate([ids], max_new_tokens=10, temperature=0.0, stop_token_ids=stop_token_ids(fmt, tok))[0]
+    ref = model_log_softmax(loaded, ids + want.token_ids)
+    expected = expected_top(service, ref, len(ids), len(want.token_ids), 3)
+    kw = dict(model=NAME, messages=messages, max_tokens=10, temperature=0, logprobs=True)
+    whole = client.chat.completions.create(**kw, top_logprobs=3).choices[0]
+    chunks = list(client.chat.completions.create(**kw, top_logprobs=3, stream=True))
+    streamed = [item for c in chunks if c.choices[0].logprobs for item in c.choices[0].logprobs.content]
+    assert whole.message.content == want.text
+    for content in (whole.logprobs.content, streamed):
+        assert [c.token for c in content] == [service.names.name(t) for t in want.token_ids]
+        assert b"".join(bytes(c.bytes) for c in content).decode("utf-8", errors="replace") == want.text
+        for c, exp in zip(content, expected, strict=True):
+            assert [a.token for a in c.top_logprobs] == [e[0] for e in exp]
+            assert [a.logprob for a in c.top_logprobs] == pytest.approx([e[1] for e in exp], abs=1e-4)
+            for a, (_, _, i) in zip(c.top_logprobs, exp, strict=True):  # the bytes are the token's
+                assert bytes(a.bytes).decode("utf-8", errors="replace") == tok.decode([i])
+            assert (c.top_logprobs[0].token, c.top_logprobs[0].logprob) == (c.token, pytest.approx(c.logprob))
+    for extra in ({"top_logprobs": 0}, {}):
+        content = client.chat.completions.create(**kw, **extra).choices[0].logprobs.content
+        assert len(content) == len(want.token_ids) and all(c.top_logprobs == [] for c in content)
 
 
 def test_chat_in_the_models_formats_equals_generate(client, reference, service, loaded, monkeypatch):

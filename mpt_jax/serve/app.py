@@ -48,6 +48,10 @@ class Service:
     vocab_size: int
     metrics: ServerMetrics
     created: int = dataclasses.field(default_factory=protocol.now)
+    names: protocol.TokenNames = dataclasses.field(init=False)  # how responses show token ids
+
+    def __post_init__(self) -> None:
+        self.names = protocol.TokenNames(self.tokenizer)
 
     def check_model(self, name: str) -> None:
         if name != self.model_name:
@@ -111,14 +115,23 @@ def build_service(
     warmup: bool = False,
 ) -> Service:
     """A started model thread over ``max_batch`` cache rows of ``cfg.max_seq_len`` positions
-    (``warmup``: every prefill shape compiled first, see ``warm_up``)."""
+    (``warmup``: every prefill shape compiled first, see ``warm_up``). Every token comes with its
+    ``MAX_TOP_LOGPROBS`` alternatives (one compilation serves any request's ``top_logprobs``)."""
     from mpt_jax.generate import Batcher, Generator
     from mpt_jax.prompts import prompt_format as choose_format
 
     if tokenizer is None:
         raise ValueError("serving needs the model's tokenizer (none was found with the checkpoint)")
     fmt = choose_format(tokenizer, prompt_format)
-    gen = Generator(cfg, params, tokenizer, max_batch=max_batch, cache_dtype=cache_dtype, mesh=mesh)
+    gen = Generator(
+        cfg,
+        params,
+        tokenizer,
+        max_batch=max_batch,
+        cache_dtype=cache_dtype,
+        mesh=mesh,
+        top_logprobs=protocol.MAX_TOP_LOGPROBS,
+    )
     engine = gen.engine(max_batch, cfg.max_seq_len)
     if warmup:
         warm_up(engine)
@@ -228,6 +241,7 @@ class _Choice:
     text: str = ""
     tokens: list[int] = dataclasses.field(default_factory=list)
     logprobs: list[float] = dataclasses.field(default_factory=list)
+    tops: list[protocol.Alternatives | None] = dataclasses.field(default_factory=list)
     finish_reason: str | None = None
 
     def add(self, ev: StreamEvent) -> None:
@@ -235,6 +249,7 @@ class _Choice:
         if ev.token_id is not None:
             self.tokens.append(ev.token_id)
             self.logprobs.append(ev.logprob)
+            self.tops.append(ev.top)
         self.finish_reason = ev.finish_reason or self.finish_reason
 
 
@@ -251,10 +266,6 @@ class _EventStream(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             await self.body_iterator.aclose()
-
-
-def _token_texts(tokenizer: Any, ids: list[int]) -> list[str]:
-    return [tokenizer.decode([t]) for t in ids]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -374,7 +385,7 @@ def create_app(service: Service, *, api_key: str | None = None, max_body_bytes: 
         req = protocol.parse(CompletionRequest, await _read_json(http, max_body_bytes))
         service.check_model(req.model)
         s = protocol.settings(req, default_max_tokens=COMPLETIONS_DEFAULT_MAX_TOKENS)
-        want_logprobs = protocol.check_logprobs(req)
+        n_top = protocol.check_logprobs(req)  # None: no logprobs
         texts = protocol.completion_prompts(req)
         many = len(texts) > 1
         prompts = [service.encode(p, f"prompt[{i}]" if many else "prompt") for i, p in enumerate(texts)]
@@ -382,8 +393,10 @@ def create_app(service: Service, *, api_key: str | None = None, max_body_bytes: 
         rid, created = protocol.new_id("cmpl"), protocol.now()
         starts = [len(p) if isinstance(p, str) else 0 for p in texts]
 
-        def logprobs_of(choice: int, ids: list[int], lps: list[float]) -> dict | None:
-            return protocol.completion_logprobs(_token_texts(tok, ids), lps, starts[choice]) if want_logprobs else None
+        def logprobs_of(choice: int, ids: list[int], lps: list[float], tops: list) -> dict | None:
+            if n_top is None:
+                return None
+            return protocol.completion_logprobs(service.names, ids, lps, tops, n_top, starts[choice])
 
         def head(choices: list[dict]) -> dict[str, Any]:
             out = {"id": rid, "object": "text_completion", "created": created, "model": service.model_name}
@@ -397,11 +410,11 @@ def create_app(service: Service, *, api_key: str | None = None, max_body_bytes: 
                 try:
                     async for c, ev in run.events():
                         generated += ev.token_id is not None
-                        if not ev.text and ev.finish_reason is None and not (want_logprobs and ev.token_id is not None):
+                        has_token = ev.token_id is not None
+                        if not ev.text and ev.finish_reason is None and not (n_top is not None and has_token):
                             continue
-                        ids = [ev.token_id] if ev.token_id is not None else []
-                        lps = [ev.logprob] if ev.token_id is not None else []
-                        lp = logprobs_of(c, ids, lps)
+                        ids, lps, tops = ([ev.token_id], [ev.logprob], [ev.top]) if has_token else ([], [], [])
+                        lp = logprobs_of(c, ids, lps, tops)
                         if lp is not None:
                             lp["text_offset"] = [x + sent[c] for x in lp["text_offset"]]
                         sent[c] += len(ev.text)
@@ -422,7 +435,7 @@ def create_app(service: Service, *, api_key: str | None = None, max_body_bytes: 
             {
                 "index": i,
                 "text": r.text,
-                "logprobs": logprobs_of(i, r.tokens, r.logprobs),
+                "logprobs": logprobs_of(i, r.tokens, r.logprobs, r.tops),
                 "finish_reason": r.finish_reason,
             }
             for i, r in enumerate(results)
@@ -435,7 +448,7 @@ def create_app(service: Service, *, api_key: str | None = None, max_body_bytes: 
         req = protocol.parse(ChatRequest, await _read_json(http, max_body_bytes))
         service.check_model(req.model)
         s = protocol.settings(req, default_max_tokens=None)
-        want_logprobs = protocol.check_logprobs(req)
+        n_top = protocol.check_logprobs(req)  # None: no logprobs
         messages = protocol.chat_messages(req)
         try:
             text = render_chat(messages, service.fmt, tok)
@@ -463,8 +476,8 @@ def create_app(service: Service, *, api_key: str | None = None, max_body_bytes: 
                         has_token = ev.token_id is not None
                         generated += has_token
                         lp = (
-                            protocol.chat_logprobs(_token_texts(tok, [ev.token_id]), [ev.logprob])
-                            if (want_logprobs and has_token)
+                            protocol.chat_logprobs(service.names, [ev.token_id], [ev.logprob], [ev.top], n_top)
+                            if (n_top is not None and has_token)
                             else None
                         )
                         if ev.text or lp is not None:
@@ -482,7 +495,7 @@ def create_app(service: Service, *, api_key: str | None = None, max_body_bytes: 
         r = _Choice()
         async for _, ev in run.events(http):
             r.add(ev)
-        lp = protocol.chat_logprobs(_token_texts(tok, r.tokens), r.logprobs) if want_logprobs else None
+        lp = None if n_top is None else protocol.chat_logprobs(service.names, r.tokens, r.logprobs, r.tops, n_top)
         message = {"role": "assistant", "content": r.text}
         choice = {"index": 0, "message": message, "logprobs": lp, "finish_reason": r.finish_reason}
         return JSONResponse({**head([choice]), "usage": protocol.usage(len(prompt), len(r.tokens))})

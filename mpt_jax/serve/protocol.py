@@ -222,12 +222,14 @@ def _check_sampling(sampling: dict[str, float]) -> None:
             raise APIError(400, f"{name}={value} {rule}", param=name) from None
 
 
-def check_logprobs(req: CompletionRequest | ChatRequest) -> bool:
-    """Whether the response carries log-probabilities (the sampled tokens'; alternatives are not computed)."""
+def check_logprobs(req: CompletionRequest | ChatRequest) -> int | None:
+    """How many alternatives (``top_logprobs``) each token of the response comes with, or None when
+    the response carries no log-probabilities: completions' ``logprobs=N``, chat's ``logprobs=true``
+    with ``top_logprobs=N`` (default 0)."""
     if isinstance(req, CompletionRequest):
         if req.logprobs is not None and not 0 <= req.logprobs <= MAX_LOGPROBS:
             raise APIError(400, f"logprobs={req.logprobs} must be in [0, {MAX_LOGPROBS}]", param="logprobs")
-        return req.logprobs is not None
+        return req.logprobs
     if req.top_logprobs is not None:
         if not 0 <= req.top_logprobs <= MAX_TOP_LOGPROBS:
             raise APIError(
@@ -235,7 +237,7 @@ def check_logprobs(req: CompletionRequest | ChatRequest) -> bool:
             )
         if not req.logprobs:
             raise APIError(400, "top_logprobs needs logprobs=true", param="top_logprobs")
-    return bool(req.logprobs)
+    return (req.top_logprobs or 0) if req.logprobs else None
 
 
 def chat_messages(req: ChatRequest) -> list[dict[str, str]]:
@@ -288,20 +290,100 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     }
 
 
-def completion_logprobs(tokens: list[str], logprobs: list[float], start: int) -> dict[str, Any]:
-    """The completions API's logprobs object; ``text_offset`` counts from ``start`` (the prompt's length)."""
+# GPT-2's byte-level alphabet (byte-level BPE vocabularies write each byte as one of these
+# printable characters): the printable Latin-1 bytes stand for themselves, the others (control
+# characters, space, 0x7f-0xa0, the soft hyphen) for 256, 257, ... in byte order.
+_PRINTABLE_BYTES = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+BYTE_LEVEL_CHARS: dict[str, int] = {chr(b): b for b in _PRINTABLE_BYTES}
+BYTE_LEVEL_CHARS.update({chr(256 + i): b for i, b in enumerate(sorted(set(range(256)) - set(_PRINTABLE_BYTES)))})
+
+
+class TokenNames:
+    """How responses show a token id: ``text`` (the token decoded alone), ``raw`` (its bytes) and
+    ``name``: the text, or, for a piece of a multi-byte character (whose text alone is U+FFFD),
+    ``bytes:\\xe2\\x80`` as the OpenAI API writes it. Distinct tokens get distinct names, so a
+    completions ``top_logprobs`` dict (keyed by name) holds every alternative. Cached: a server
+    names the same tokens over and over."""
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self._cache: dict[int, tuple[str, bytes, str]] = {}
+
+    def _get(self, token: int) -> tuple[str, bytes, str]:
+        found = self._cache.get(token)
+        if found is None:
+            text = self.tokenizer.decode([token])
+            raw = self._bytes(token, text)
+            try:
+                name = raw.decode("utf-8") if raw else text
+            except UnicodeDecodeError:
+                name = "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+            found = self._cache[token] = (text, raw, name)
+        return found
+
+    def _bytes(self, token: int, text: str) -> bytes:
+        """The token's bytes: read from its vocabulary entry when its text alone is not whole
+        (byte-level BPE, or sentencepiece's ``<0xNN>`` byte tokens), else its text's UTF-8."""
+        if "\ufffd" not in text:
+            return text.encode("utf-8")
+        tk = getattr(self.tokenizer, "tk", None)
+        piece = tk.id_to_token(token) if tk is not None else None
+        if piece and all(c in BYTE_LEVEL_CHARS for c in piece) and "ByteLevel" in type(tk.decoder).__name__:
+            return bytes(BYTE_LEVEL_CHARS[c] for c in piece)
+        if piece and len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            return bytes([int(piece[3:5], 16)])
+        return text.encode("utf-8")
+
+    def text(self, token: int) -> str:
+        return self._get(token)[0]
+
+    def raw(self, token: int) -> bytes:
+        return self._get(token)[1]
+
+    def name(self, token: int) -> str:
+        return self._get(token)[2]
+
+
+# A token's alternatives as ``generate.StreamEvent.top`` carries them: (id, log-prob), most likely first.
+Alternatives = list[tuple[int, float]]
+
+
+def completion_logprobs(
+    names: TokenNames, ids: list[int], logprobs: list[float], tops: list[Alternatives | None], n: int, start: int
+) -> dict[str, Any]:
+    """The completions API's logprobs object: the tokens, their log-probs, ``top_logprobs`` (per
+    token a dict of up to ``n`` alternatives, name -> log-prob, most likely first) and
+    ``text_offset`` (counted from ``start``, the prompt's length, in characters of text)."""
     offsets, at = [], start
-    for t in tokens:
+    for t in ids:
         offsets.append(at)
-        at += len(t)
-    return {"tokens": tokens, "token_logprobs": logprobs, "top_logprobs": None, "text_offset": offsets}
+        at += len(names.text(t))
+    top = []
+    for alternatives in tops:
+        entry: dict[str, float] = {}
+        for t, lp in (alternatives or [])[:n]:
+            entry.setdefault(names.name(t), lp)  # names are distinct; a clash keeps the likelier
+        top.append(entry)
+    return {
+        "tokens": [names.name(t) for t in ids],
+        "token_logprobs": logprobs,
+        "top_logprobs": top,
+        "text_offset": offsets,
+    }
 
 
-def chat_logprobs(tokens: list[str], logprobs: list[float]) -> dict[str, Any]:
-    """The chat API's logprobs object (``top_logprobs`` empty: alternatives are not computed)."""
+def chat_logprobs(
+    names: TokenNames, ids: list[int], logprobs: list[float], tops: list[Alternatives | None], n: int
+) -> dict[str, Any]:
+    """The chat API's logprobs object: per token its name, log-prob, bytes and ``top_logprobs``
+    (up to ``n`` alternatives as ``{token, logprob, bytes}``, most likely first)."""
+
+    def token(t: int, lp: float) -> dict[str, Any]:
+        return {"token": names.name(t), "logprob": lp, "bytes": list(names.raw(t))}
+
     return {
         "content": [
-            {"token": t, "logprob": lp, "bytes": list(t.encode("utf-8")), "top_logprobs": []}
-            for t, lp in zip(tokens, logprobs, strict=True)
+            {**token(t, lp), "top_logprobs": [token(a, alp) for a, alp in (top or [])[:n]]}
+            for t, lp, top in zip(ids, logprobs, tops, strict=True)
         ]
     }
