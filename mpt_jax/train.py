@@ -21,6 +21,7 @@ import math
 import os
 import signal
 import time
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -113,12 +114,22 @@ def _write_text(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
+StepCallback = Callable[[int, dict[str, float]], None]
+
+
 class Trainer:
     """One training run in ``workdir``. ``__init__`` and ``run`` check everything that can refuse the
-    run (config, data, a checkpoint that does not fit, init_from) before the first write there."""
+    run (config, data, a checkpoint that does not fit, init_from) before the first write there.
 
-    def __init__(self, config, workdir: str):
+    ``callback(step, metrics)``, if given, is called after every step of ``run`` (its checkpoint, if
+    any, saved): the hook for a notebook's own progress bar or live plot. ``metrics`` holds the
+    step's ``loss``, plus what was logged on a ``log_every`` step (lr, grad_norm, tokens_per_s, ...)
+    and ``eval_*`` on an eval step. The first call of a resumed run is for the step after the
+    restored checkpoint's. An exception it raises ends the run (the last checkpoint stays)."""
+
+    def __init__(self, config, workdir: str, *, callback: StepCallback | None = None):
         self.config = config
+        self.callback = callback
         self.workdir = os.path.abspath(os.path.expanduser(os.fspath(workdir)))
         files.check_folder_path(self.workdir, what="workdir")
         self.cfg = run_config.model_config(config)
@@ -355,6 +366,7 @@ class Trainer:
                 step += 1
                 _check_finite(out, step, ckpts)  # first: nothing of a bad step is saved
                 loss = float(out["loss"])
+                now = {"loss": loss}  # what the callback gets for this step
                 window_tokens += float(out["tokens"])
                 window_steps += 1
                 if step == step0 + 1:  # the first step compiles: keep it out of the throughput
@@ -372,6 +384,7 @@ class Trainer:
                         if mfu is not None:
                             last["mfu"] = mfu
                     self.writer.write(step, last)
+                    now.update(last)
                     bar.set_postfix(loss=f"{loss:.3f}")
                     if self.is_main:
                         logging.info("%s", metrics.format_console(step, last))
@@ -380,18 +393,22 @@ class Trainer:
                     ev = self._eval(state["params"], eval_fn)
                     self.writer.write(step, ev, prefix="eval_")
                     last.update({f"eval_{k}": v for k, v in ev.items()})
+                    now.update({f"eval_{k}": v for k, v in ev.items()})
                     if self.is_main:
                         logging.info("step %d | eval loss %.4f | eval ppl %.2f", step, ev["loss"], ev["perplexity"])
                     if self._icl_tasks:
                         scores = self._icl(state["params"])
                         self.writer.write(step, scores)
                         last.update(scores)
+                        now.update(scores)
                         if self.is_main:
                             logging.info("%s", metrics.format_console(step, scores))
                     window_start = time.perf_counter()  # eval time is not train time
                 every = config.checkpoint.every_steps
                 if (every and step % every == 0) or step == t.max_steps or stop.signal is not None:
                     ckpts.save(step, state, data_iter, config_json)
+                if self.callback is not None:
+                    self.callback(step, now)
                 if stop.signal is not None:
                     logging.warning("signal %d: saved the checkpoint at step %d, exiting", stop.signal, step)
                     break

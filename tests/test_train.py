@@ -206,6 +206,55 @@ def test_nonfinite_loss_stops_naming_the_step(stdlib_data_dir, tmp_path):
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(final_params(workdir, bad_step - 1)))
 
 
+def test_callback_sees_every_step_and_a_resume_starts_after_the_checkpoint(stdlib_data_dir, tmp_path):
+    """Trainer(callback=): one call per step with that step's loss, the logged metrics on log steps
+    (the numbers metrics.jsonl holds) and eval_* on eval steps; a resumed run's first call is the
+    step after the restored checkpoint; an exception from the callback ends the run."""
+    import runpy
+
+    from mpt_jax.train import Trainer
+
+    def config(max_steps):
+        c = runpy.run_path(os.path.join(ROOT, "configs", "tiny.py"))["get_config"]()
+        c.model.d_model, c.model.n_heads, c.model.n_layers = 64, 2, 2
+        c.data.data_dir = stdlib_data_dir
+        c.train.update(max_steps=max_steps, seq_len=32, global_batch_size=4, log_every=2, eval_every=3)
+        c.train.update(eval_batches=1, progress=False)
+        c.schedule.t_warmup = 2
+        c.checkpoint.every_steps = 3
+        return c
+
+    workdir = str(tmp_path / "run")
+    calls = []
+    result = Trainer(config(6), workdir, callback=lambda step, m: calls.append((step, dict(m)))).run()
+    assert [s for s, _ in calls] == [1, 2, 3, 4, 5, 6]
+    assert all(np.isfinite(m["loss"]) for _, m in calls)
+    logged = {}  # train and eval records of a step together
+    for record in read_metrics(workdir):
+        logged.setdefault(record["step"], {}).update(record)
+    for step, m in calls:
+        assert ("lr" in m) == (step in (1, 2, 4, 6))  # log_every=2, the first and the last step
+        assert ("eval_loss" in m) == (step in (3, 6))
+        written = logged.get(step, {})
+        assert set(written) - {"step"} <= set(m)  # the callback sees all that was written for the step
+        for key in set(written) - {"step"}:
+            assert written[key] == pytest.approx(m[key], rel=1e-6), (step, key)
+    assert calls[-1][1]["loss"] == pytest.approx(result["loss"])
+
+    resumed = []
+    Trainer(config(8), workdir, callback=lambda step, m: resumed.append(step)).run()
+    assert resumed == [7, 8]  # from the checkpoint at step 6
+
+    def stop_at_10(step, metrics):
+        if step == 10:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(config(12), workdir, callback=stop_at_10).run()
+    saved = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+    assert saved[-1] == 9  # every_steps=3: step 10 was never saved
+
+
 # ----------------------------------------------------------------------------------------------
 # The step itself.
 
