@@ -4,6 +4,7 @@ from setuptools import find_packages, setup
 
 HF = ["torch", "transformers>=4.40"]
 SERVE = ["fastapi", "uvicorn"]  # python -m mpt_jax.serve
+NOTEBOOKS = ["nbclient", "nbformat", "ipykernel", "matplotlib"]  # notebooks/, run by tests/test_notebooks.py
 
 setup(
     name="mpt-jax",
@@ -35,7 +36,8 @@ setup(
         "hf": HF,
         "serve": SERVE,
         "eval": ["lm-eval==0.4.13"],  # the mpt_jax backend of lm-evaluation-harness
-        "test": HF + SERVE + ["pytest", "ruff", "openai", "prometheus_client", "lm-eval[hf]==0.4.13"],
+        "notebooks": NOTEBOOKS,
+        "test": HF + SERVE + NOTEBOOKS + ["pytest", "ruff", "openai", "prometheus_client", "lm-eval[hf]==0.4.13"],
         "gpu": ["jax[cuda12]"],
         "tpu": ["jax[tpu]"],
     },
