@@ -16,7 +16,6 @@ from mpt_jax.eval.scoring import (
     pack,
     rolling_requests,
     rolling_windows,
-    target_scores,
     token_scores,
     tree_mask,
     trees,
@@ -110,20 +109,6 @@ def test_learned_positions_score_as_the_full_forward():
         logp = jax.nn.log_softmax(logits.astype(jnp.float64) if jax.config.x64_enabled else logits, -1)
         want = sum(float(logp[len(c) - 1 + j, t]) for j, t in enumerate(x))
         assert abs(s - want) < 1e-4 and np.isfinite(s)
-
-
-def test_target_scores_masks_padding():
-    """Masked positions (padding, context) change neither the sum nor the greedy flag."""
-    rng = np.random.default_rng(1)
-    logits = rng.normal(size=(2, 5, 7)).astype(np.float32)
-    targets = rng.integers(0, 7, (2, 5))
-    mask = np.array([[0, 0, 1, 1, 0], [0, 1, 1, 1, 1]], bool)
-    sums, greedy = target_scores(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(mask))
-    logp = logits - np.log(np.exp(logits.astype(np.float64)).sum(-1, keepdims=True))
-    for b in range(2):
-        picked = logp[b, np.arange(5), targets[b]]
-        np.testing.assert_allclose(float(sums[b]), picked[mask[b]].sum(), rtol=1e-6)
-        assert bool(greedy[b]) == bool((logits[b].argmax(-1) == targets[b])[mask[b]].all())
 
 
 @pytest.mark.parametrize("n, max_length, stride", [(2, 4, None), (9, 4, None), (10, 4, 1), (23, 8, 3), (5, 8, 8)])

@@ -61,15 +61,6 @@ def token_scores(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.
     return picked - lse, argmax == targets
 
 
-def target_scores(logits: jax.Array, targets: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Per row: (sum of log p(targets) where ``mask``, whether each masked target is the argmax).
-
-    logits [B, T, V] (position t's prediction), targets [B, T] (the token at t + 1), mask [B, T]."""
-    token_logp, greedy = token_scores(logits, targets)
-    mask = mask.astype(bool)
-    return jnp.sum(jnp.where(mask, token_logp, 0.0), axis=-1), jnp.all(greedy | ~mask, axis=-1)
-
-
 @dataclasses.dataclass(frozen=True)
 class Row:
     """One request laid out for the model: inputs[t] predicts targets[t]; the continuation is the
