@@ -1,39 +1,155 @@
-"""Train-step throughput: mpt-jax against transformers' MptForCausalLM + torch.optim.AdamW, same CPU.
+"""Train-step throughput and peak memory: mpt-jax against transformers' MptForCausalLM + torch AdamW.
 
-    python benchmarks/train_throughput.py [--models=tiny,125m] [--seq_len=512] [--batch=4] [--steps=3]
+    python benchmarks/train_throughput.py --dtype=float32 [--model=125m] [--batch=4] [--seq_len=512]
+    python benchmarks/train_throughput.py --dtype=bfloat16
+    python benchmarks/train_throughput.py --remat_table [--dtype=float32]
 
-For each model shape, both frameworks run full optimizer steps (forward, backward, AdamW update)
-in float32 on the same random batch; the table gives tokens/s, the speed-up, and MFU against this
-CPU's float32 matmul ceiling measured in the same run (a jitted 2048 x 2048 jnp.dot).
+Each side runs full optimizer steps (forward, backward, gradient clipping, AdamW) on the same random
+batch in a process of its own, so that each one's peak resident memory (``ru_maxrss``: the
+framework, the compile, the weights, the optimizer state and the activations) is its own. The two
+sides alternate over ``--repeats`` rounds (this machine's speed wanders by 10-20% over minutes);
+each round gives a ratio of the two sides' median step times, and the table reports the median
+ratio. ``--dtype=bfloat16`` runs each side at its best bfloat16: ``model.dtype=bfloat16`` here
+(float32 master weights, optimizer and loss), ``torch.autocast("cpu", dtype=torch.bfloat16)``
+there. MFU is against this CPU's matmul ceiling at that precision, measured in the same run.
+
+``--remat_table`` runs only mpt-jax, once per remat policy, and reports each one's step time and
+peak memory against the no-remat step.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import resource
+import statistics
+import subprocess
 import sys
 import time
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from benchmarks.forward import cpu_name  # noqa: E402
-from mpt_jax import MPTConfig, metrics, optim, steps  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 SHAPES = {
     "tiny": dict(d_model=256, n_heads=4, n_layers=4, vocab_size=8256),
     "125m": dict(d_model=768, n_heads=12, n_layers=12, vocab_size=50432),
 }
+LR, BETAS, EPS, CLIP = 1e-4, (0.9, 0.95), 1e-8, 1.0
 
 
-def matmul_ceiling(n: int = 2048, repeats: int = 10) -> float:
-    """Float32 FLOP/s of a jitted square matmul: the practical peak of this CPU for MFU."""
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def tokens_for(args) -> np.ndarray:
+    vocab = SHAPES[args.model]["vocab_size"]
+    return np.random.default_rng(0).integers(0, vocab, (args.batch, args.seq_len)).astype(np.int32)
+
+
+def run_steps(step, n: int) -> tuple[list[float], list[float]]:
+    """(seconds of each of n steps after one warm-up/compile step, every step's loss)."""
+    losses = [step()]
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        losses.append(step())
+        times.append(time.perf_counter() - start)
+    return times, losses
+
+
+def jax_side(args) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from mpt_jax import MPTConfig, optim, steps
+
+    cfg = MPTConfig(max_seq_len=args.seq_len, dtype=args.dtype, remat_policy=args.remat, **SHAPES[args.model])
+    opt_cfg = optim.optimizer_config(
+        name="decoupled_adamw", lr=LR, b1=BETAS[0], b2=BETAS[1], eps=EPS, weight_decay=0.0, grad_clip_norm=CLIP
+    )
+    sched_cfg = optim.schedule_config(name="constant")
+    optimizer = optim.make_optimizer(opt_cfg, sched_cfg, max_steps=1000)
+    schedule = optim.make_schedule(sched_cfg, lr=LR, max_steps=1000)
+    tokens = tokens_for(args)
+    batch = {
+        "tokens": jnp.asarray(tokens),
+        "segment_ids": jnp.ones(tokens.shape, jnp.int32),
+        "positions": jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape),
+        "loss_mask": jnp.ones(tokens.shape, jnp.int32),
+    }
+    fn = jax.jit(
+        lambda s, b: steps.train_step(s, b, cfg=cfg, optimizer=optimizer, schedule=schedule), donate_argnums=(0,)
+    )
+    # Compiled before the state exists, so that the compiler's working memory and the state are
+    # not held at once (torch has no compile step to keep apart).
+    abstract = jax.eval_shape(lambda: steps.init_state(cfg, optimizer, jax.random.key(0)))
+    fn = fn.lower(abstract, batch).compile()
+    holder = {"state": steps.init_state(cfg, optimizer, jax.random.key(0))}
+
+    def step() -> float:
+        holder["state"], m = fn(holder["state"], batch)
+        return float(m["loss"])
+
+    times, losses = run_steps(step, args.steps)
+    return {"times": times, "losses": losses}
+
+
+def torch_side(args) -> dict:
+    import contextlib
+
+    import torch
+    from transformers import MptConfig, MptForCausalLM
+
+    torch.manual_seed(0)
+    config = MptConfig(max_seq_len=args.seq_len, **SHAPES[args.model])
+    model = MptForCausalLM(config).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, betas=BETAS, eps=EPS, weight_decay=0.0)
+    t = torch.as_tensor(tokens_for(args).astype(np.int64))
+    autocast = (
+        (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if args.dtype == "bfloat16" else contextlib.nullcontext
+    )
+
+    def step() -> float:
+        with autocast():
+            loss = model(t, labels=t).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss)
+
+    times, losses = run_steps(step, args.steps)
+    return {"times": times, "losses": losses, "threads": torch.get_num_threads(), "version": torch.__version__}
+
+
+def child(args) -> None:
+    result = jax_side(args) if args.side == "jax" else torch_side(args)
+    result["peak_rss"] = peak_rss_bytes()
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def spawn(args, side: str, remat: str | None = None) -> dict:
+    cmd = [sys.executable, os.path.abspath(__file__), f"--side={side}", f"--model={args.model}"]
+    cmd += [f"--dtype={args.dtype}", f"--batch={args.batch}", f"--seq_len={args.seq_len}", f"--steps={args.steps}"]
+    cmd += [f"--remat={remat or args.remat}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    if out.returncode or not lines:
+        raise RuntimeError(f"{side} side failed (exit {out.returncode}):\n{out.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT ") :])
+
+
+def matmul_ceiling(dtype: str, n: int = 2048, repeats: int = 10) -> float:
+    """FLOP/s of a jitted square matmul at ``dtype`` (bfloat16 inputs accumulate in float32, as the
+    model's linears do): this CPU's practical peak for MFU."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
+    f = jax.jit(lambda x: jnp.dot(x, x, preferred_element_type=jnp.float32))
     f(a).block_until_ready()
     start = time.perf_counter()
     for _ in range(repeats):
@@ -41,88 +157,93 @@ def matmul_ceiling(n: int = 2048, repeats: int = 10) -> float:
     return 2 * n**3 * repeats / (time.perf_counter() - start)
 
 
-def timed(fn, steps_: int) -> float:
-    fn()  # warm-up / compile
-    start = time.perf_counter()
-    for _ in range(steps_):
-        fn()
-    return (time.perf_counter() - start) / steps_
+def gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB"
 
 
-def jax_step_time(cfg: MPTConfig, tokens: np.ndarray, n: int) -> float:
-    opt_cfg = optim.optimizer_config(name="decoupled_adamw", lr=1e-4, weight_decay=0.0, grad_clip_norm=1.0)
-    sched_cfg = optim.schedule_config(name="constant")
-    optimizer = optim.make_optimizer(opt_cfg, sched_cfg, max_steps=1000)
-    schedule = optim.make_schedule(sched_cfg, lr=1e-4, max_steps=1000)
-    state = steps.init_state(cfg, optimizer, jax.random.key(0))
-    batch = {
-        "tokens": jnp.asarray(tokens),
-        "segment_ids": jnp.ones(tokens.shape, jnp.int32),
-        "positions": jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape),
-        "loss_mask": jnp.ones(tokens.shape, jnp.int32),
-    }
-    fn = jax.jit(
-        lambda s, b: steps.train_step(s, b, cfg=cfg, optimizer=optimizer, schedule=schedule), donate_argnums=(0,)
+def comparison(args) -> None:
+    from benchmarks.forward import cpu_name
+    from mpt_jax import MPTConfig, metrics
+
+    cfg = MPTConfig(max_seq_len=args.seq_len, **SHAPES[args.model])
+    n_tokens = args.batch * args.seq_len
+    fpt = metrics.flops_per_token(cfg, args.seq_len)
+    runs = {"jax": [], "torch": []}
+    for r in range(args.repeats):
+        for side in ("jax", "torch") if r % 2 == 0 else ("torch", "jax"):
+            runs[side].append(spawn(args, side))
+            print(
+                f"  round {r}: {side:5s} median step {statistics.median(runs[side][-1]['times']):.3f} s, "
+                f"peak {gib(runs[side][-1]['peak_rss'])}",
+                file=sys.stderr,
+                flush=True,
+            )
+    ceiling = matmul_ceiling(args.dtype)
+    step = {side: [statistics.median(run["times"]) for run in rs] for side, rs in runs.items()}
+    ratios = [t / j for j, t in zip(step["jax"], step["torch"], strict=True)]
+    peak = {side: max(run["peak_rss"] for run in rs) for side, rs in runs.items()}
+    rate = {side: n_tokens / statistics.median(ts) for side, ts in step.items()}
+    torch_info = runs["torch"][0]
+    print(
+        f"machine: {cpu_name()}, {os.cpu_count()} cores; torch {torch_info['version']} "
+        f"({torch_info['threads']} threads); {args.dtype} matmul ceiling {ceiling / 1e9:.0f} GFLOP/s"
     )
-    holder = {"state": state}
+    print(
+        f"{args.model}, {args.dtype}, batch {args.batch} x {args.seq_len}, remat {args.remat}: "
+        f"{args.repeats} alternating rounds of {args.steps} steps, each side in its own process"
+    )
+    print("| side | tokens/s (median) | MFU | step s (each round) | peak memory | loss after steps |")
+    print("|---|---|---|---|---|---|")
+    for side, name in (("jax", "mpt-jax"), ("torch", "transformers + torch")):
+        each = ", ".join(f"{t:.3f}" for t in step[side])
+        print(
+            f"| {name} | {rate[side]:,.0f} | {rate[side] * fpt / ceiling:.1%} | {each} | {gib(peak[side])} | "
+            f"{runs[side][0]['losses'][-1]:.4f} |"
+        )
+    print(
+        f"speed-up (median of rounds' ratios): {statistics.median(ratios):.2f}x "
+        f"(rounds: {', '.join(f'{x:.2f}' for x in ratios)}); peak memory ratio mpt-jax / torch: "
+        f"{peak['jax'] / peak['torch']:.2f}"
+    )
 
-    def step():
-        holder["state"], m = fn(holder["state"], batch)
-        jax.block_until_ready(m["loss"])
 
-    return timed(step, n)
+def remat_table(args) -> None:
+    from mpt_jax.config import REMAT_POLICIES
 
-
-def torch_step_time(shape: dict, tokens: np.ndarray, n: int) -> float:
-    from transformers import MptConfig, MptForCausalLM
-
-    torch.manual_seed(0)
-    model = MptForCausalLM(MptConfig(max_seq_len=tokens.shape[1], **shape)).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
-    t = torch.as_tensor(tokens)
-
-    def step():
-        loss = model(t, labels=t).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return timed(step, n)
+    policies = list(REMAT_POLICIES)
+    runs = {p: [] for p in policies}
+    for r in range(args.repeats):
+        for p in policies if r % 2 == 0 else policies[::-1]:
+            runs[p].append(spawn(args, "jax", remat=p))
+    step = {p: statistics.median(statistics.median(run["times"]) for run in rs) for p, rs in runs.items()}
+    peak = {p: max(run["peak_rss"] for run in rs) for p, rs in runs.items()}
+    print(f"{args.model}, {args.dtype}, batch {args.batch} x {args.seq_len}, {args.repeats} alternating rounds")
+    print("| remat_policy | step s (median) | time vs none | peak memory | memory vs none |")
+    print("|---|---|---|---|---|")
+    for p in policies:
+        print(
+            f"| {p} | {step[p]:.3f} | {step[p] / step['none']:.2f}x | {gib(peak[p])} | {peak[p] / peak['none']:.2f}x |"
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default="tiny,125m")
+    parser.add_argument("--model", default="125m", choices=sorted(SHAPES))
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
     parser.add_argument("--seq_len", type=int, default=512)
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per process, after one warm-up step")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating rounds (one process per side each)")
+    parser.add_argument("--remat", default="none", help="mpt-jax's model.remat_policy")
+    parser.add_argument("--remat_table", action="store_true", help="mpt-jax only: every remat policy")
+    parser.add_argument("--side", choices=("jax", "torch"), help=argparse.SUPPRESS)  # a child process
     args = parser.parse_args()
-    ceiling = matmul_ceiling()
-    print(
-        f"machine: {cpu_name()}, {os.cpu_count()} cores; jax {jax.__version__}, torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads); float32 matmul ceiling {ceiling / 1e9:.0f} GFLOP/s"
-    )
-    print(
-        f"train step (forward + backward + AdamW), float32, batch {args.batch} x {args.seq_len}, mean of {args.steps}"
-    )
-    print("| model | params | mpt-jax tokens/s | mpt-jax MFU | transformers+torch tokens/s | torch MFU | speed-up |")
-    print("|---|---|---|---|---|---|---|")
-    rng = np.random.default_rng(0)
-    for name in args.models.split(","):
-        shape = SHAPES[name]
-        cfg = MPTConfig(max_seq_len=args.seq_len, **shape)
-        tokens = rng.integers(0, cfg.vocab_size, (args.batch, args.seq_len)).astype(np.int32)
-        n_tokens = args.batch * args.seq_len
-        fpt = metrics.flops_per_token(cfg, args.seq_len)
-        t_jax = jax_step_time(cfg, tokens, args.steps)
-        t_torch = torch_step_time(shape, tokens.astype(np.int64), args.steps)
-        r_jax, r_torch = n_tokens / t_jax, n_tokens / t_torch
-        print(
-            f"| {name} | {metrics.matmul_params(cfg) / 1e6:.1f}M | {r_jax:,.0f} | {r_jax * fpt / ceiling:.1%} | "
-            f"{r_torch:,.0f} | {r_torch * fpt / ceiling:.1%} | {t_torch / t_jax:.2f}x |",
-            flush=True,
-        )
+    if args.side:
+        child(args)
+    elif args.remat_table:
+        remat_table(args)
+    else:
+        comparison(args)
 
 
 if __name__ == "__main__":

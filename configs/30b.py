@@ -6,6 +6,16 @@ released model has 64.) Training recipe: the yaml's (decoupled AdamW lr 1e-4, be
 cosine with 100 warmup steps to 0.1x, clipping 1.0, batch 2048 x 2048, 143,100 steps). Load the
 released weights with
 `python -m mpt_jax.convert hf_to_jax mosaicml/mpt-30b DIR`.
+
+On one node of 8 x 80 GB (docs/sharding.md, "MPT-30B on one 8 x 80 GB node"), FSDP over the 8 with
+micro-batches of 4 rows per device, bfloat16 gradients, a bfloat16 first moment and the flash kernel:
+
+    python -m mpt_jax.plan --config=configs/30b.py --devices=8 --config.train.micro_batch_size=32 \
+        --config.train.grad_dtype=bfloat16 --config.optimizer.mu_dtype=bfloat16 \
+        --config.model.attn_impl=auto --compile
+
+plans 72.3 GiB per device and compiles (XLA, 8 CPU devices) to a 68.0 GiB peak; the defaults
+(float32 gradients, accumulating) plan 82.8 GiB at 1 row per device and do not fit.
 """
 
 import ml_collections

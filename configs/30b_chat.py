@@ -10,23 +10,35 @@ MPT-30B-Chat's default system prompt is added where a conversation has none; con
 packed first-fit, each attending only to itself (model.attn_uses_sequence_id, set by
 finetuning_recipe). The chat recipe is not published: this uses the 30B-Instruct yaml's optimizer
 settings at 8k context.
+
+Sized for one node of 8 x 80 GB as configs/30b_instruct.py is (1 row of 8192 per device, 9
+accumulation steps, bfloat16 gradients and first moment, the flash kernel on GPUs): `python -m
+mpt_jax.plan --config=configs/30b_chat.py --devices=8 --compile` plans 72.3 GiB per device and
+compiles (XLA, 8 CPU devices) to a 68.0 GiB peak (docs/sharding.md, "MPT-30B on one 8 x 80 GB node").
 """
 
 import ml_collections
 
 from mpt_jax.config import MPTConfig
 from mpt_jax.data.formats import MPT_30B_CHAT_SYSTEM_PROMPT
-from mpt_jax.run_config import base_config, finetuning_recipe
+from mpt_jax.run_config import base_config, finetuning_recipe, one_node_pure_bf16
 
 
 def get_config() -> ml_collections.ConfigDict:
     config = base_config()
     config.model = MPTConfig(
-        d_model=7168, n_heads=64, n_layers=48, max_seq_len=8192, vocab_size=50432, dtype="bfloat16", remat_policy="full"
+        d_model=7168,
+        n_heads=64,
+        n_layers=48,
+        max_seq_len=8192,
+        vocab_size=50432,
+        dtype="bfloat16",
+        remat_policy="full",
+        attn_impl="auto",  # the flash kernel on GPUs (llm-foundry: triton): no [64, 8192, 8192] scores
     ).to_config_dict()
     config.data.format = "chat"
     config.data.system_prompt = MPT_30B_CHAT_SYSTEM_PROMPT
-    return finetuning_recipe(
+    config = finetuning_recipe(
         config,
         init_from="ckpt/mpt-30b",
         source="files:data/chat/train.jsonl",
@@ -35,3 +47,5 @@ def get_config() -> ml_collections.ConfigDict:
         max_steps=4000,
         seq_len=8192,
     )
+    # One node of 8 x 80 GB: 9 accumulation steps of 1 row of 8192 tokens per device.
+    return one_node_pure_bf16(config, micro_batch_size=8)

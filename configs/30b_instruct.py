@@ -8,22 +8,38 @@ template, loss on the response only, packed first-fit into 8192 tokens, each exa
 only to itself (model.attn_uses_sequence_id, set by finetuning_recipe). Recipe (the yaml's):
 decoupled AdamW lr 9.65e-6, betas (0.9, 0.95), no weight decay, linear decay to 0 after 50 warmup
 steps, clipping 1.0, global batch 72, 8 epochs.
+
+Sized for one node of 8 x 80 GB, as the yaml's FSDP PURE bfloat16 run: FSDP over the 8 devices,
+micro-batches of 1 row of 8192 per device (9 accumulation steps), gradients and their sum in
+bfloat16 (train.grad_dtype), AdamW's first moment in bfloat16 (optimizer.mu_dtype), the flash
+kernel on GPUs (attn_impl="auto"; the yaml's triton). `python -m mpt_jax.plan
+--config=configs/30b_instruct.py --devices=8 --compile` plans 72.3 GiB per device and compiles
+(XLA, 8 CPU devices) to a 68.0 GiB peak (docs/sharding.md, "MPT-30B on one 8 x 80 GB node"); with
+float32 gradients and moments (--config.train.grad_dtype=float32 --config.optimizer.mu_dtype=float32,
+for more devices) it plans 88.6 GiB and does not fit.
 """
 
 import ml_collections
 
 from mpt_jax.config import MPTConfig
-from mpt_jax.run_config import base_config, finetuning_recipe
+from mpt_jax.run_config import base_config, finetuning_recipe, one_node_pure_bf16
 
 
 def get_config() -> ml_collections.ConfigDict:
     config = base_config()
     config.model = MPTConfig(
-        d_model=7168, n_heads=64, n_layers=48, max_seq_len=8192, vocab_size=50432, dtype="bfloat16", remat_policy="full"
+        d_model=7168,
+        n_heads=64,
+        n_layers=48,
+        max_seq_len=8192,
+        vocab_size=50432,
+        dtype="bfloat16",
+        remat_policy="full",
+        attn_impl="auto",  # the flash kernel on GPUs (llm-foundry: triton): no [64, 8192, 8192] scores
     ).to_config_dict()
     config.data.format = "instruction"
     config.data.template = "mpt-30b-instruct"
-    return finetuning_recipe(
+    config = finetuning_recipe(
         config,
         init_from="ckpt/mpt-30b",
         source="files:data/instruct-v3/train.jsonl",
@@ -32,3 +48,5 @@ def get_config() -> ml_collections.ConfigDict:
         max_steps=4000,
         seq_len=8192,
     )
+    # One node of 8 x 80 GB: 9 accumulation steps of 1 row of 8192 tokens per device.
+    return one_node_pure_bf16(config, micro_batch_size=8)

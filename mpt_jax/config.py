@@ -55,12 +55,14 @@ INIT_NAMES = (
     "neox_init_",
 )
 NONLINEARITIES = ("relu", "leaky_relu", "linear", "tanh", "sigmoid", "selu")
-# Remat policy name -> the jax.checkpoint_policies attribute it means (None: no remat).
+# Remat policy name -> what the backward keeps of each layer (model.remat_policy builds the jax
+# policy from the names the model tags): nothing saved but the layer input ("full"), the linear
+# layers' outputs ("dots_no_batch"), those and the attention's output and log-sum-exp ("dots").
 REMAT_POLICIES = {
-    "none": None,
-    "full": "nothing_saveable",
-    "dots": "checkpoint_dots",
-    "dots_no_batch": "checkpoint_dots_with_no_batch_dims",
+    "none": "no remat: every residual jax needs",
+    "full": "the layer input",
+    "dots": "the layer input, the linear layers' outputs, the attention output and log-sum-exp",
+    "dots_no_batch": "the layer input and the linear layers' outputs",
 }
 ATTN_IMPLS = attention_impls.IMPLS
 # Fields that say how the model runs, not what it computes: free to change between a checkpoint

@@ -21,14 +21,32 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
+from mpt_jax import ops
+from mpt_jax.attention import SAVED_NAMES as ATTENTION_SAVED
 from mpt_jax.attention import alibi_slopes, attend
-from mpt_jax.config import QK_NORM_EPS, REMAT_POLICIES, MPTConfig
+from mpt_jax.config import QK_NORM_EPS, MPTConfig
 from mpt_jax.initializers import embedding_init, weight_init
 from mpt_jax.rope import apply_rope
 
 # Logical names of activations; sharding rules map them to mesh axes.
 BATCH, LENGTH, EMBED_ACT, MLP_ACT = "activation_batch", "activation_length", "activation_embed", "activation_mlp"
+
+
+# The name remat policies save the linear layers' outputs by (``remat_policy``).
+LINEAR_OUT = "linear_out"
+
+
+def remat_policy(name: str):
+    """The jax checkpoint policy of ``model.remat_policy`` (config.REMAT_POLICIES says what each
+    keeps), or None for "none"."""
+    if name == "none":
+        return None
+    if name == "full":
+        return jax.checkpoint_policies.nothing_saveable
+    saved = (LINEAR_OUT,) if name == "dots_no_batch" else (LINEAR_OUT, *ATTENTION_SAVED)
+    return jax.checkpoint_policies.save_only_these_names(*saved)
 
 
 def _param(module: nn.Module, name: str, init, shape: Sequence[int], axes: Sequence[str]) -> jax.Array:
@@ -40,7 +58,7 @@ def _param(module: nn.Module, name: str, init, shape: Sequence[int], axes: Seque
 # The feed-forward activations by their torch.nn.functional names (config.FFN_ACT_FNS), with torch's
 # default arguments. "gelu" is the exact (erf) one; JAX's default gelu is the tanh approximation.
 ACTIVATIONS = {
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu": ops.gelu,
     "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
     "silu": jax.nn.silu,
     "relu": jax.nn.relu,
@@ -59,6 +77,13 @@ ACTIVATIONS = {
 def softcap(x: jax.Array, cap: float | None) -> jax.Array:
     """cap * tanh(x / cap) (Gemma's logit softcapping); the identity when cap is None."""
     return x if cap is None else cap * jnp.tanh(x / cap)
+
+
+def final_logits(z: jax.Array, cfg: MPTConfig) -> jax.Array:
+    """The logits from the head's float32 product z: times logit_multiplier, then softcapped."""
+    if cfg.logit_multiplier is not None:
+        z = z * cfg.logit_multiplier
+    return softcap(z, cfg.final_logit_softcapping)
 
 
 # Weight-only int8 (mpt_jax/quantize.py): an int8 "kernel" / "embedding" comes with a float scale
@@ -97,9 +122,12 @@ class Linear(nn.Module):
         dtype = jnp.dtype(cfg.dtype)
         # One 2-D matmul: [tokens, in] @ [in, out] (XLA's CPU backend is fastest on plain 2-D dots).
         n_in, n_out = math.prod(shape[: self.n_in]), math.prod(self.features)
-        y = (x.astype(dtype).reshape(-1, n_in) @ kernel.astype(dtype).reshape(n_in, n_out)).reshape(
-            *x.shape[: x.ndim - self.n_in], *self.features
-        )
+        x2, w2 = x.reshape(-1, n_in), kernel.reshape(n_in, n_out)
+        if jnp.issubdtype(kernel.dtype, jnp.floating):
+            y = checkpoint_name(ops.matmul(x2, w2, dtype), LINEAR_OUT)
+        else:  # int8 weights (inference only): no gradient to shape
+            y = x2.astype(dtype) @ w2.astype(dtype)
+        y = y.reshape(*x.shape[: x.ndim - self.n_in], *self.features)
         scale = _scale_of(self, "kernel")
         if scale is not None:
             y = y * scale.astype(dtype)
@@ -127,15 +155,11 @@ class Norm(nn.Module):
         cfg = self.cfg
         rms = cfg.rms_norm and not self.qk
         eps = QK_NORM_EPS if self.qk else cfg.norm_eps
-        reduce = tuple(range(x.ndim - len(self.shape), x.ndim))
-        y = x.astype(jnp.float32)
-        if not rms:
-            y = y - y.mean(reduce, keepdims=True)
-        y = y * jax.lax.rsqrt(jnp.square(y).mean(reduce, keepdims=True) + eps)
-        y = y * _param(self, "scale", nn.initializers.ones, self.shape, self.axes).astype(jnp.float32)
+        scale = _param(self, "scale", nn.initializers.ones, self.shape, self.axes)
+        bias = None
         if not cfg.no_bias and not rms:
-            y = y + _param(self, "bias", nn.initializers.zeros, self.shape, self.axes).astype(jnp.float32)
-        return y.astype(cfg.dtype)
+            bias = _param(self, "bias", nn.initializers.zeros, self.shape, self.axes)
+        return ops.norm(x, scale, bias, len(self.shape), eps, rms, jnp.dtype(cfg.dtype))
 
 
 class Embedding(nn.Module):
@@ -343,6 +367,9 @@ class MPT(nn.Module):
     row (a context, then each continuation positioned right after it and seeing only the context
     and itself): every position-dependent term (learned embedding, RoPE, ALiBi, sliding window)
     follows ``positions``. Scoring many continuations of one context runs the context once.
+
+    ``head=False`` returns the final-normed hidden states [batch, length, d_model] (compute dtype)
+    instead of logits: the training loss (loss.py) applies the head itself, chunk by chunk.
     """
 
     cfg: MPTConfig
@@ -361,6 +388,7 @@ class MPT(nn.Module):
         prefill: bool = False,
         logit_positions: jax.Array | None = None,
         attention_mask: jax.Array | None = None,
+        head: bool = True,
     ) -> jax.Array | tuple[jax.Array, Cache]:
         cfg = self.cfg
         if tokens.ndim != 2:
@@ -400,8 +428,7 @@ class MPT(nn.Module):
 
         block = Block
         if cfg.remat_policy != "none":
-            policy = getattr(jax.checkpoint_policies, REMAT_POLICIES[cfg.remat_policy])
-            block = nn.remat(Block, policy=policy, prevent_cse=False)
+            block = nn.remat(Block, policy=remat_policy(cfg.remat_policy), prevent_cse=False)
         if self.scan_layers:
             blocks = nn.scan(
                 block,
@@ -428,13 +455,13 @@ class MPT(nn.Module):
         elif logit_positions is not None:  # only the rows' positions whose next token is wanted
             x = jnp.take_along_axis(x, logit_positions.astype(jnp.int32)[..., None], axis=1)
         h = Norm(cfg, (cfg.d_model,), ("embed",), name="norm_f")(x)
+        if not head and not self.is_initializing():  # (init still creates the head's params)
+            return h  # the training loss (loss.py) multiplies by the head weights itself
         if cfg.tie_word_embeddings:
             logits = wte.attend(h)
         else:
             logits = Linear(cfg, (cfg.vocab_size,), ("embed", "vocab"), name="lm_head")(h).astype(jnp.float32)
-        if cfg.logit_multiplier is not None:
-            logits = logits * cfg.logit_multiplier
-        logits = softcap(logits, cfg.final_logit_softcapping)
+        logits = final_logits(logits, cfg)
         return logits if cache is None else (logits, cache)
 
 

@@ -17,9 +17,11 @@ rather than assembled from optax pieces:
 
 Step convention: the schedule is evaluated at ``count``, the number of updates already applied
 (0 for the first update, so warm-up starts at lr 0, as in Composer), and Adam's bias correction uses
-``t = count + 1``. Moments are float32 whatever the params' dtype; updates come back in the params'
-dtype. Every optimizer state is a pytree of arrays (orbax-checkpointable) whose structure does not
-depend on the clipping setting, so a run can be resumed with another ``grad_clip_norm``.
+``t = count + 1``. Moments are float32 whatever the params' dtype (``mu_dtype="bfloat16"`` stores
+the first moment in bfloat16: it is computed in float32, the update uses the float32 value, and
+only what is kept for the next step is rounded); updates come back in the params' dtype. Every
+optimizer state is a pytree of arrays (orbax-checkpointable) whose structure does not depend on
+the clipping setting, so a run can be resumed with another ``grad_clip_norm``.
 
     tx = make_optimizer(config.optimizer, config.schedule, max_steps=config.max_steps)
     state = tx.init(params)
@@ -41,6 +43,7 @@ import optax
 
 SCHEDULES = ("cosine_with_warmup", "linear_decay_with_warmup", "constant_with_warmup", "constant")
 OPTIMIZERS = ("decoupled_adamw", "decoupled_lionw", "adamw")
+MU_DTYPES = ("float32", "bfloat16")
 
 # The `optimizer` and `scheduler` sections of llm-foundry's pretraining yamls (mpt-125m's lr).
 _OPTIMIZER_DEFAULTS: dict[str, Any] = {
@@ -52,6 +55,7 @@ _OPTIMIZER_DEFAULTS: dict[str, Any] = {
     "weight_decay": 0.0,
     "grad_clip_norm": 1.0,
     "decay_norms_and_embeddings": True,
+    "mu_dtype": "float32",
 }
 _SCHEDULE_DEFAULTS: dict[str, Any] = {"name": "cosine_with_warmup", "t_warmup": 100, "alpha_f": 0.1}
 
@@ -76,7 +80,9 @@ def optimizer_config(**overrides: Any) -> ml_collections.ConfigDict:
     no weight decay, clipping at norm 1.0) with mpt-125m's lr. ``decay_norms_and_embeddings=True``
     decays every parameter, as Composer does; False excludes norms, biases and embeddings
     (``default_decay_mask``). Lion users set ``name='decoupled_lionw'`` and usually ``b2=0.99``;
-    Lion ignores ``eps``.
+    Lion ignores ``eps``. ``mu_dtype='bfloat16'`` keeps the first moment (Adam's m, Lion's only
+    moment) in bfloat16, half its memory (as optax's and MaxText's ``mu_dtype``); Adam's second
+    moment stays float32.
     """
     _check_keys("optimizer_config", overrides, _OPTIMIZER_DEFAULTS)
     config = ml_collections.ConfigDict(dict(_OPTIMIZER_DEFAULTS))
@@ -154,7 +160,8 @@ def make_optimizer(
     ``decoupled_adamw`` (Composer DecoupledAdamW), ``decoupled_lionw`` (llm-foundry DecoupledLionW),
     ``adamw`` (torch.optim.AdamW: decay ``p *= 1 - lr_t * weight_decay``, coupled to the lr as in
     optax.adamw, with torch's eps placement); ``lr``, ``b1``, ``b2``, ``eps`` (Adam only),
-    ``weight_decay``, ``grad_clip_norm`` (0 or None: no clipping), ``decay_norms_and_embeddings``.
+    ``weight_decay``, ``grad_clip_norm`` (0 or None: no clipping), ``decay_norms_and_embeddings``,
+    ``mu_dtype`` (``float32`` or ``bfloat16``: the stored first moment).
 
     ``decay_mask`` (a pytree of bools, or a prefix of the params tree, or a callable params ->
     such a tree) says which params are decayed; if None, all are (Composer's default), unless
@@ -207,7 +214,7 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
 
 
 class AdamState(NamedTuple):
-    """State of (decoupled) AdamW: updates applied so far, float32 first and second moments."""
+    """State of (decoupled) AdamW: updates applied so far, first (``mu_dtype``) and second (float32) moments."""
 
     count: jax.Array
     mu: Any
@@ -215,7 +222,7 @@ class AdamState(NamedTuple):
 
 
 class LionState(NamedTuple):
-    """State of decoupled Lion: updates applied so far and the float32 momentum."""
+    """State of decoupled Lion: updates applied so far and the momentum (``mu_dtype``)."""
 
     count: jax.Array
     mu: Any
@@ -232,10 +239,12 @@ def _adam(
         p -= lr_t / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
     """
     lr, b1, b2, eps, wd = opt["lr"], opt["b1"], opt["b2"], opt["eps"], opt["weight_decay"]
+    mu_dtype = jnp.dtype(opt["mu_dtype"])
 
     def init_fn(params: Any) -> AdamState:
         zeros = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
-        return AdamState(count=jnp.zeros((), jnp.int32), mu=zeros, nu=jax.tree.map(jnp.copy, zeros))
+        mu = jax.tree.map(lambda z: z.astype(mu_dtype), zeros)
+        return AdamState(count=jnp.zeros((), jnp.int32), mu=mu, nu=jax.tree.map(jnp.copy, zeros))
 
     def update_fn(grads: Any, state: AdamState, params: Any = None) -> tuple[Any, AdamState]:
         _require_params(params, wd)
@@ -246,7 +255,7 @@ def _adam(
         step_size = lr_t / _bias_correction(b1, t)
         sqrt_bc2 = jnp.sqrt(_bias_correction(b2, t))
 
-        mu = jax.tree.map(lambda g, m: b1 * m + (1.0 - b1) * g.astype(jnp.float32), grads, state.mu)
+        mu = jax.tree.map(lambda g, m: b1 * m.astype(jnp.float32) + (1.0 - b1) * g.astype(jnp.float32), grads, state.mu)
         nu = jax.tree.map(lambda g, v: b2 * v + (1.0 - b2) * jnp.square(g.astype(jnp.float32)), grads, state.nu)
 
         def leaf_update(m: jax.Array, v: jax.Array, p: jax.Array, decayed: Any) -> jax.Array:
@@ -255,6 +264,7 @@ def _adam(
 
         ps, mask = _params_and_mask(grads, params, decay_mask)
         updates = jax.tree.map(leaf_update, mu, nu, ps, mask)
+        mu = jax.tree.map(lambda m: m.astype(mu_dtype), mu)  # stored rounded; the update used float32
         return updates, AdamState(count=optax.safe_increment(state.count), mu=mu, nu=nu)
 
     return optax.GradientTransformation(init_fn, update_fn)
@@ -271,9 +281,10 @@ def _lion(
     with torch.lerp's arithmetic, so the float32 rounding is torch's too.
     """
     lr, b1, b2, wd = opt["lr"], opt["b1"], opt["b2"], opt["weight_decay"]
+    mu_dtype = jnp.dtype(opt["mu_dtype"])
 
     def init_fn(params: Any) -> LionState:
-        mu = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), jnp.float32), params)
+        mu = jax.tree.map(lambda p: jnp.zeros(jnp.shape(p), mu_dtype), params)
         return LionState(count=jnp.zeros((), jnp.int32), mu=mu)
 
     def update_fn(grads: Any, state: LionState, params: Any = None) -> tuple[Any, LionState]:
@@ -283,12 +294,14 @@ def _lion(
         decay = wd * _decoupled_factor(mult, lr)
 
         def leaf_update(g: jax.Array, m: jax.Array, p: jax.Array, decayed: Any) -> jax.Array:
-            u = -lr_t * jnp.sign(_lerp(m, g.astype(jnp.float32), 1.0 - b1))
+            u = -lr_t * jnp.sign(_lerp(m.astype(jnp.float32), g.astype(jnp.float32), 1.0 - b1))
             return _with_decay(u, p, decayed, decay, wd).astype(p.dtype)
 
         ps, mask = _params_and_mask(grads, params, decay_mask)
         updates = jax.tree.map(leaf_update, grads, state.mu, ps, mask)
-        mu = jax.tree.map(lambda g, m: _lerp(m, g.astype(jnp.float32), 1.0 - b2), grads, state.mu)
+        mu = jax.tree.map(
+            lambda g, m: _lerp(m.astype(jnp.float32), g.astype(jnp.float32), 1.0 - b2).astype(mu_dtype), grads, state.mu
+        )
         return updates, LionState(count=optax.safe_increment(state.count), mu=mu)
 
     return optax.GradientTransformation(init_fn, update_fn)
@@ -406,6 +419,8 @@ def _parse_optimizer(optimizer: Mapping[str, Any]) -> dict[str, Any]:
         opt["grad_clip_norm"] = _number(_OPT, "grad_clip_norm", opt["grad_clip_norm"], minimum=0.0)
     if not isinstance(opt["decay_norms_and_embeddings"], bool | np.bool_):
         raise ValueError(f"{_OPT}.decay_norms_and_embeddings must be a bool, got {opt['decay_norms_and_embeddings']!r}")
+    if opt["mu_dtype"] not in MU_DTYPES:
+        raise ValueError(f"{_OPT}.mu_dtype={opt['mu_dtype']!r}: expected one of {', '.join(MU_DTYPES)}")
     return opt
 
 

@@ -7,8 +7,9 @@ Prints, per device: params, optimizer state, gradients, activations (for the con
 policy and micro-batch), a margin for XLA's temporaries, the total and whether it fits; then every
 (data, fsdp, tensor) mesh of ``--devices`` that the config allows, with its total, the configured
 one marked. ``--compile`` also lowers and compiles the real train step on abstract inputs (nothing
-is allocated) over the devices it finds, or over forced CPU devices when there are too few, and
-prints XLA's own per-device numbers next to the estimate.
+is allocated) over the devices it finds, or over forced CPU devices when there are too few (a GPU
+run then compiled as the GPU runs it, ``compile_report``), and prints XLA's own per-device numbers
+next to the estimate.
 
 Params, optimizer state and gradients are counted leaf by leaf: each leaf's size divided by the
 mesh axes that its PartitionSpec (``sharding.shardings_of_state`` with the config's rules) shards
@@ -49,6 +50,7 @@ from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec
 
 from mpt_jax import cli, optim, run_config, sharding
 from mpt_jax.config import MPTConfig
+from mpt_jax.loss import chunk_length
 from mpt_jax.model import SCALE_SUFFIX, flat_params, param_shapes
 
 GiB = 1024**3
@@ -144,6 +146,7 @@ def activation_bytes(
     head_weight_bytes: int = 0,
     layer_transient_bytes: int = 0,
     head_transient_bytes: int = 0,
+    head_grad_bytes: int | None = None,
 ) -> dict[str, int]:
     """Bytes one device holds for the backward pass of one micro-batch (the formula in docs/sharding.md).
 
@@ -152,7 +155,8 @@ def activation_bytes(
     ``attn_impl="auto"``. Weight-sized terms come from the sharded params (``estimate`` computes
     them): ``saved_weight_bytes``, what the ``none`` policy saves of one layer's kernels;
     ``head_weight_bytes``, the tied table cast to the compute dtype; ``layer_transient_bytes`` /
-    ``head_transient_bytes``, one layer's (the table's) gathered weights and unreduced gradients.
+    ``head_transient_bytes``, one layer's (the table's) gathered weights and unreduced gradients;
+    ``head_grad_bytes``, the head table's float32 gradient sum as sharded (default: unsharded).
 
     Returns ``act_saved`` (every layer's residuals), ``act_layer`` (one layer's backward: what remat
     recomputes, the gradient work, the layer's gathered weights and gradients) and ``act_head``
@@ -173,7 +177,7 @@ def activation_bytes(
     scores = rows * heads * T * T if path == "xla" else 0
 
     # What one layer saves without remat (jax's residuals; tests/test_plan.py checks them exactly).
-    norms = 2 * (3 * f32 * n * d + 2 * f32 * n + f32 * d)  # x - mean, normalised, scaled (f32), stats, scale
+    norms = 2 * (c * n * d + 2 * f32 * n)  # each norm's input and its two float32 statistics (ops.norm)
     # Inputs of the matmuls: the normed x once per projection that reads it (Wqkv, or Wq and Wkv;
     # up, or up and gate), and the attention output into out_proj.
     n_in = (1 if cfg.attn_type == "multihead_attention" else 2) + (2 if glu else 1)
@@ -181,29 +185,37 @@ def activation_bytes(
     qkv = c * n * (q + 2 * kv)  # q, k, v (into the einsums, or the kernel)
     if cfg.clip_qkv is not None:  # clip = max then min: each keeps its input
         qkv += 2 * c * n * (q + 2 * kv)
-    if cfg.qk_ln:  # LayerNorms over q's and k's features, saved as the block's norms are
-        qkv += 3 * f32 * n * (q + kv) + 4 * f32 * n + f32 * (q + kv)
-    if path == "xla":  # the float32 softmax, its compute-dtype copy, two row statistics
-        attn = (f32 + c) * scores + 2 * f32 * rows * heads * T
-    else:  # a flash kernel keeps its output and the float32 log-sum-exp; cuDNN also the ALiBi bias
-        attn = c * n * q + f32 * rows * heads * T + (c * heads * T * T if path == "cudnn" and cfg.alibi else 0)
-    mlp = (6 if glu else 4) * c * n * ffn  # up (and gate) outputs, the activation's input and output
+    if cfg.qk_ln:  # LayerNorms over q's and k's features: their inputs and statistics
+        qkv += c * n * (q + kv) + 4 * f32 * n
+    # The attention keeps its output and the float32 log-sum-exp (the xla path's hand-written
+    # backward recomputes the probabilities, as a flash kernel does); cuDNN also the ALiBi bias.
+    attn = c * n * q + f32 * rows * heads * T + (c * heads * T * T if path == "cudnn" and cfg.alibi else 0)
+    # The up (and gate) outputs, what the activation's derivative keeps, the down projection's input:
+    # the exact GELU (ops.gelu) keeps only its input, jax's autodiff of silu and the others two more.
+    mlp = ((6 if glu else 4) - (2 if cfg.ffn_act_fn == "gelu" else 0)) * c * n * ffn
     none = norms + linear_in + qkv + attn + mlp + saved_weight_bytes
 
     carry = c * n * d  # the residual stream entering the layer
     dots_no_batch = carry + c * n * (q + 2 * kv) + c * n * d + (2 if glu else 1) * c * n * ffn
-    dots = dots_no_batch + (f32 * scores + f32 * n * q if path == "xla" else 0)  # + the attention einsums
+    # "dots" also keeps the xla attention's output and log-sum-exp (named; a kernel's are not).
+    dots = dots_no_batch + (c * n * q + f32 * rows * heads * T if path == "xla" else 0)
     saved = {"none": none, "full": carry, "dots": dots, "dots_no_batch": dots_no_batch}[cfg.remat_policy]
 
-    # One layer's backward: the recomputed forward (remat policies), the scores' (or the kernel's
-    # dq, dk, dv) gradients and a few float32 cotangents, and the layer's gathered weights and
-    # whole gradients.
+    # One layer's backward: the recomputed forward (remat policies), the recomputed probabilities
+    # and their gradient (xla path: a float32 [rows, heads, T, T], fused; a kernel's dq, dk, dv) and a
+    # few float32 cotangents, and the layer's gathered weights and whole gradients.
     work = 2 * f32 * n * d + f32 * n * ffn + (f32 * scores if path == "xla" else f32 * n * (q + 2 * kv))
     layer = work + (0 if cfg.remat_policy == "none" else none) + layer_transient_bytes
 
-    # Final LayerNorm; float32 logits [rows, T, vocab], the loss' softmax and the logits' gradient.
-    head = 3 * f32 * n * d + c * n * d + 3 * f32 * n * vocab + head_weight_bytes + head_transient_bytes
-    return {"act_saved": L * saved, "act_layer": layer, "act_head": head}
+    # Final LayerNorm; the loss (loss.py) a chunk of positions at a time: a few float32
+    # [rows, chunk, vocab] (logits, probabilities, their gradient), the hidden states' gradient,
+    # and the table's float32 gradient summed over the chunks.
+    chunk = chunk_length(rows, T, cfg.vocab_size)
+    logits = 4 * f32 * rows * chunk * vocab
+    head_grad = f32 * vocab * d if head_grad_bytes is None else head_grad_bytes
+    head = 3 * f32 * n * d + 2 * c * n * d + logits + head_grad + head_weight_bytes + head_transient_bytes
+    # The last layer's output is kept too, for the final norm's backward.
+    return {"act_saved": L * saved + c * n * d, "act_layer": layer, "act_head": head}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -218,6 +230,36 @@ def _rows_per_device(config, mesh_shape) -> tuple[int, int]:
     return -(-micro // batch_ways), max(1, int(t.global_batch_size) // micro)
 
 
+def _grad_dtype(config) -> jnp.dtype:
+    """``config.train.grad_dtype`` (float32 when a config predates the key)."""
+    return jnp.dtype(config.train.get("grad_dtype", "float32"))
+
+
+def _layer_grad_dtype(grad_dtype: jnp.dtype) -> jnp.dtype:
+    """The dtype one layer's weight gradients are formed in: float32, or a narrower grad_dtype."""
+    return grad_dtype if grad_dtype.itemsize < 4 else jnp.dtype(jnp.float32)
+
+
+def gradient_bytes(params, shardings, grad_dtype, *, accumulating: bool) -> int:
+    """Bytes one device holds for the gradients of a train step (``steps.train_step``).
+
+    ``grad_dtype`` float32 (the default): one float32 set, sharded as the params; two when
+    accumulating (the running sum and one micro-batch's), whatever the params' dtype. bfloat16:
+    the same sets in bfloat16, plus the bfloat16 copy of the params that the loss is differentiated
+    at (the leaves not already bfloat16), which lives as long as the micro-batch loop.
+    """
+    grad_dtype = jnp.dtype(grad_dtype)
+    sets = 2 if accumulating else 1
+    if grad_dtype == jnp.float32:
+        return _device_bytes(params, shardings, jnp.float32) * sets
+    total = 0
+    for x, s in zip(jax.tree.leaves(params), jax.tree.leaves(shardings), strict=True):
+        elements = math.prod(s.shard_shape(x.shape))
+        copied = jnp.dtype(x.dtype) != grad_dtype
+        total += elements * grad_dtype.itemsize * (sets + int(copied))
+    return int(total)
+
+
 def estimate(
     config, mesh_shape: Sequence[int], *, margin: float = DEFAULT_MARGIN, rules=None, platform: str = "gpu"
 ) -> dict[str, int]:
@@ -225,8 +267,9 @@ def estimate(
 
     Keys: ``params``, ``opt_state``, ``batch`` (exact, leaf by leaf, from the sharding rules;
     ``batch`` is the batch arrays the step reads plus the step counter and rng key), ``grads``
-    (float32, sharded as the params; twice that when accumulating micro-batches: the sum and one
-    micro-batch's), ``act_saved``, ``act_layer``, ``act_head`` (``activation_bytes``),
+    (``gradient_bytes``: sharded as the params, in ``train.grad_dtype``; the sum and one
+    micro-batch's when accumulating; with bfloat16 gradients of float32 params also the params'
+    bfloat16 copy they are taken at), ``act_saved``, ``act_layer``, ``act_head`` (``activation_bytes``),
     ``activations`` (``act_saved + max(act_layer, act_head)``: the logits are dead before the
     layers' backward starts), ``margin`` (``margin`` x (grads + activations)) and ``total``.
     """
@@ -242,7 +285,8 @@ def estimate(
     opt_state = _device_bytes(model.opt_state, state["opt_state"])
     rows, steps = _rows_per_device(config, shape)
     length = run_config.seq_len(config)
-    grads = _device_bytes(model.params, shardings, jnp.float32) * (2 if steps > 1 else 1)
+    grad_dtype = _grad_dtype(config)
+    grads = gradient_bytes(model.params, shardings, grad_dtype, accumulating=steps > 1)
 
     c = jnp.dtype(cfg.dtype).itemsize
     layers = cfg.n_layers
@@ -260,11 +304,12 @@ def estimate(
         saved_w = _device_bytes({k: blocks["attn"][k] for k in fused}, {k: blocks_sh["attn"][k] for k in fused})
         saved_w //= layers
         head_w = 0
-    # One layer's float32 weight gradients exist whole (split only by tensor) before they are
-    # stored or reduce-scattered; sharded kernels are also all-gathered, in the compute dtype. The
-    # sharded tied table adds one whole float32 copy (gathered table or its unreduced gradient).
+    # One layer's weight gradients (float32, or train.grad_dtype when narrower) exist whole (split
+    # only by tensor) before they are stored or reduce-scattered; sharded kernels are also
+    # all-gathered, in the compute dtype. The sharded tied table adds one whole copy (gathered
+    # float32 table or its unreduced gradient).
     layer_f32 = _device_bytes(blocks, whole["blocks"], jnp.float32) // layers
-    layer_transient = layer_f32
+    layer_transient = _device_bytes(blocks, whole["blocks"], _layer_grad_dtype(grad_dtype)) // layers
     if _device_bytes(blocks, blocks_sh) < _device_bytes(blocks, whole["blocks"]):
         layer_transient += layer_f32 * c // 4
     head_transient = 0
@@ -280,6 +325,7 @@ def estimate(
         head_weight_bytes=head_w,
         layer_transient_bytes=layer_transient,
         head_transient_bytes=head_transient,
+        head_grad_bytes=_device_bytes(wte, wte_sh, jnp.float32),
     )
     activations = act["act_saved"] + max(act["act_layer"], act["act_head"])
     # jit drops batch arrays the step does not read: tokens and loss_mask are always read.
@@ -429,24 +475,31 @@ def _more_devices(config, shape, limit: int, margin: float, platform: str) -> di
     return None
 
 
-def _cheaper_model(config) -> list[dict[str, str]]:
-    """Model settings that shrink memory without changing the model's shape, each one that the
-    config does not use yet: bfloat16 params, bfloat16 compute, full remat."""
+def _cheaper_settings(config) -> list[dict[str, str]]:
+    """Settings that shrink memory without changing the model's shape, each one that the config
+    does not use yet, as {"section.key": value}: bfloat16 params, bfloat16 compute, full remat;
+    bfloat16 gradients when accumulating (no float32 gradient set to hold twice, ``steps.train_step``);
+    a bfloat16 first moment (``optim.make_optimizer``'s mu_dtype)."""
     cfg = run_config.model_config(config)
     changes = []
     if cfg.param_dtype != "bfloat16":
-        changes.append({"param_dtype": "bfloat16"})
+        changes.append({"model.param_dtype": "bfloat16"})
     if cfg.dtype != "bfloat16":
-        changes.append({"dtype": "bfloat16"})
+        changes.append({"model.dtype": "bfloat16"})
     if cfg.remat_policy != "full":
-        changes.append({"remat_policy": "full"})
+        changes.append({"model.remat_policy": "full"})
+    if str(_grad_dtype(config)) != "bfloat16" and cfg.param_dtype != "bfloat16":
+        changes.append({"train.grad_dtype": "bfloat16"})
+    if config.optimizer.get("mu_dtype", "float32") != "bfloat16":
+        changes.append({"optimizer.mu_dtype": "bfloat16"})
     return changes
 
 
-def _with_model(config, change: dict[str, str]):
+def _with_settings(config, change: dict[str, str]):
     trial = config.copy_and_resolve_references()
-    for key, value in change.items():
-        trial.model[key] = value
+    for path, value in change.items():
+        section, key = path.split(".")
+        trial[section][key] = value
     return trial
 
 
@@ -454,10 +507,9 @@ def remedies(config, devices: int, limit: int, *, margin: float = DEFAULT_MARGIN
     """What would let a micro-batch fit in ``limit`` bytes per device, each found by the estimate:
 
     another mesh of the same ``devices`` (the one that fits the largest micro-batch), the fewest
-    devices that would do (``_more_devices``), and cheaper model settings (``_cheaper_model``) on the
+    devices that would do (``_more_devices``), and cheaper settings (``_cheaper_settings``) on the
     configured mesh, each alone, or all together when none alone is enough. Each is a dict: ``change`` (command-line flags), ``micro_batch_size`` (the
-    largest that fits), ``total`` (its bytes per device), and ``mesh`` / ``devices`` where they change.
-    Gradients are always float32 (steps.py), so there is no gradient dtype to suggest."""
+    largest that fits), ``total`` (its bytes per device), and ``mesh`` / ``devices`` where they change."""
     shape = run_config.mesh_shape(config, devices)
     out = []
     meshes = []
@@ -474,16 +526,16 @@ def remedies(config, devices: int, limit: int, *, margin: float = DEFAULT_MARGIN
     more = _more_devices(config, shape, limit, margin, platform)
     if more:
         out.append(more)
-    changes = _cheaper_model(config)
+    changes = _cheaper_settings(config)
     found = []
     for change in changes:
-        found.append((change, _largest_micro_batch(_with_model(config, change), shape, limit, margin, platform)))
+        found.append((change, _largest_micro_batch(_with_settings(config, change), shape, limit, margin, platform)))
     if len(changes) > 1 and not any(micro for _, (micro, _) in found):
         together = {k: v for change in changes for k, v in change.items()}
-        found.append((together, _largest_micro_batch(_with_model(config, together), shape, limit, margin, platform)))
+        found.append((together, _largest_micro_batch(_with_settings(config, together), shape, limit, margin, platform)))
     for change, (micro, total) in found:
         if micro:
-            flags = " ".join(f"--config.model.{k}={v}" for k, v in change.items())
+            flags = " ".join(f"--config.{k}={v}" for k, v in change.items())
             out.append({"change": flags, "micro_batch_size": micro, "total": total})
     return out
 
@@ -491,15 +543,30 @@ def remedies(config, devices: int, limit: int, *, margin: float = DEFAULT_MARGIN
 # ------------------------------------------------------------------------------------------------
 # Checking against XLA: compile the real train step on abstract inputs.
 
+# XLA options for compiling a GPU run's step on CPU devices (see compile_report).
+CPU_AS_GPU_OPTIONS = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
 
-def compile_report(config, mesh_shape: Sequence[int], devices=None, *, rules=None) -> dict[str, Any]:
+
+def compile_report(
+    config, mesh_shape: Sequence[int], devices=None, *, rules=None, platform: str | None = None
+) -> dict[str, Any]:
     """Lower and compile ``steps.train_step`` for ``config`` on a mesh of real (or forced CPU) devices.
 
     Nothing is allocated: the state is ``jax.eval_shape(init_state)`` and every input a
     ``jax.ShapeDtypeStruct`` carrying its sharding; the state is donated, as in train.py. Returns
     XLA's per-device ``memory_analysis()`` sizes (``argument``, ``output``, ``alias``, ``temp``,
     ``generated_code`` in bytes), ``lower_s`` and ``compile_s`` (seconds), ``host_peak_rss``
-    (bytes, this process's peak so far) and ``platform``.
+    (bytes, this process's peak so far), ``platform`` and ``attention`` (``attention_path`` of the
+    compiled step).
+
+    ``platform``: the devices the run is for, when they are not the ones compiling. A ``gpu`` run
+    compiled on CPU devices is compiled as the GPU would run it, as far as XLA:CPU allows: where
+    the config's attention on the GPU is the flash kernel (``attn_impl="auto"``) the step is
+    compiled with ``attn_impl="pallas"`` (interpret mode: nothing [T, T] materialised), and with
+    XLA's while-loop-invariant code motion off: XLA:CPU has no bfloat16 arithmetic, and that pass
+    hoists float32 copies of bfloat16 loop operands (the saved activations, a bfloat16 copy of the
+    params) out of the layer loops, memory a GPU never holds (docs/sharding.md). ``options`` in the
+    result lists the compiler options used.
     """
     from mpt_jax import steps  # the pure step; imported here so plain planning stays light
 
@@ -512,6 +579,12 @@ def compile_report(config, mesh_shape: Sequence[int], devices=None, *, rules=Non
             f"(on a CPU: XLA_FLAGS=--xla_force_host_platform_device_count={n})"
         )
     cfg = run_config.model_config(config)
+    here = devices[0].platform
+    options = {}
+    if platform == "gpu" and here == "cpu":
+        options = dict(CPU_AS_GPU_OPTIONS)
+        if attention_path(cfg, platform) == "flash" and attention_path(cfg, here) != "flash":
+            cfg = dataclasses.replace(cfg, attn_impl="pallas")
     rules = sharding.rules_from_config(config) if rules is None else rules
     t = config.train
     optimizer = optim.make_optimizer(config.optimizer, config.schedule, max_steps=t.max_steps)
@@ -528,7 +601,12 @@ def compile_report(config, mesh_shape: Sequence[int], devices=None, *, rules=Non
     }
     micro = t.micro_batch_size or t.global_batch_size
     step = functools.partial(
-        steps.train_step, cfg=cfg, optimizer=optimizer, schedule=schedule, micro_batches=t.global_batch_size // micro
+        steps.train_step,
+        cfg=cfg,
+        optimizer=optimizer,
+        schedule=schedule,
+        micro_batches=t.global_batch_size // micro,
+        grad_dtype=str(_grad_dtype(config)),
     )
     replicated = NamedSharding(mesh, PartitionSpec())
     fn = jax.jit(step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated), donate_argnums=(0,))
@@ -537,11 +615,13 @@ def compile_report(config, mesh_shape: Sequence[int], devices=None, *, rules=Non
         lowered = fn.lower(abstract, batch)
         lower_s = time.perf_counter() - start
         start = time.perf_counter()
-        compiled = lowered.compile()
+        compiled = lowered.compile(compiler_options=options or None)
         compile_s = time.perf_counter() - start
     mem = compiled.memory_analysis()
     out = {
-        "platform": devices[0].platform,
+        "platform": here,
+        "attention": attention_path(cfg, here),
+        "options": options,
         "mesh": shape,
         "lower_s": lower_s,
         "compile_s": compile_s,
@@ -676,6 +756,15 @@ def _gib(n: int | float) -> str:
     return f"{n / GiB:,.2f}"
 
 
+def _moments(config) -> str:
+    """What the optimizer keeps per parameter, in words: "2 float32 moments", "mu bfloat16, nu float32"."""
+    opt = config.optimizer
+    mu = opt.get("mu_dtype", "float32")
+    if opt.name == "decoupled_lionw":
+        return f"1 {mu} moment"
+    return "2 float32 moments" if mu == "float32" else f"mu {mu}, nu float32"
+
+
 def format_plan(report: dict[str, Any], config, *, name: str = "") -> str:
     """The CLI's report: the estimate on the configured mesh, the verdict, the table of meshes."""
     cfg = run_config.model_config(config)
@@ -685,14 +774,15 @@ def format_plan(report: dict[str, Any], config, *, name: str = "") -> str:
     micro = t.micro_batch_size or t.global_batch_size
     n_params = sum(int(x.size) for x in jax.tree.leaves(_model_of(config).params))
     size = f"{n_params / 1e9:.2f}B" if n_params >= 1e9 else f"{n_params / 1e6:.1f}M"
-    f32_params = est["params"] * 4 // jnp.dtype(cfg.param_dtype).itemsize
-    moments = round(est["opt_state"] / max(1, f32_params))
     limit = report["device_memory_bytes"]
-    width = 48
+    grad_dtype = str(_grad_dtype(config))
+    held = (["sum", "one micro-batch"] if report["micro_batches"] > 1 else []) + (
+        ["params' copy"] if grad_dtype != "float32" and grad_dtype != cfg.param_dtype else []
+    )
     rows = [
         ("params", f"params ({cfg.param_dtype})"),
-        ("opt_state", f"optimizer state ({moments} float32 moment{'s' if moments != 1 else ''})"),
-        ("grads", "gradients (float32" + (", sum + one micro-batch)" if report["micro_batches"] > 1 else ")")),
+        ("opt_state", f"optimizer state ({_moments(config)})"),
+        ("grads", f"gradients ({', '.join([grad_dtype, ' + '.join(held)] if held else [grad_dtype])})"),
         ("activations", f"activations (remat {cfg.remat_policy})"),
         ("act_saved", f"  saved for the backward, {cfg.n_layers} layers"),
         ("act_layer", "  one layer's backward (peak of the layers)"),
@@ -700,6 +790,7 @@ def format_plan(report: dict[str, Any], config, *, name: str = "") -> str:
         ("margin", f"XLA temporaries (margin {est['margin'] / max(1, est['grads'] + est['activations']):.0%})"),
         ("total", "total"),
     ]
+    width = max(48, *(len(label) for _, label in rows))
     lines = [
         f"plan{' for ' + name if name else ''}: {size} params (d_model {cfg.d_model}, "
         f"{cfg.n_layers} layers, {cfg.n_heads} heads), compute {cfg.dtype}, attention {cfg.attn_impl} "
@@ -753,16 +844,23 @@ def format_compile(xla: dict[str, Any], est: dict[str, int]) -> str:
     def row(label, a, b):
         return f"  {label:<48s} {_gib(a):>9s} {_gib(b):>9s} {a / max(1, b):>7.3f}"
 
+    attention = xla.get("attention", "")
+    options = xla.get("options") or {}
     return "\n".join(
         [
-            f"XLA on {xla['platform']}, mesh {xla['mesh']}: lowered in {xla['lower_s']:.1f} s, compiled in "
-            f"{xla['compile_s']:.1f} s, host peak RSS {xla['host_peak_rss'] / GiB:.2f} GiB",
+            f"XLA on {xla['platform']}, mesh {xla['mesh']}, attention {attention}: lowered in {xla['lower_s']:.1f} s, "
+            f"compiled in {xla['compile_s']:.1f} s, host peak RSS {xla['host_peak_rss'] / GiB:.2f} GiB",
             f"  {'per device, GiB':<48s} {'XLA':>9s} {'planner':>9s} {'ratio':>7s}",
             row("arguments = params + optimizer state + batch", xla["argument"], args),
             row("temporaries = gradients + activations", xla["temp"], temp),
             row("peak = arguments + temporaries (planner: total)", xla["argument"] + xla["temp"], est["total"]),
             f"  (outputs {_gib(xla['output'])} GiB, {_gib(xla['alias'])} GiB of them aliased to the donated state)",
         ]
+        + (
+            [f"  (a GPU run compiled on {xla['platform']}: " + ", ".join(f"{k}={v}" for k, v in options.items()) + ")"]
+            if options
+            else []
+        )
     )
 
 
@@ -811,9 +909,11 @@ def main(argv) -> None:
         devices = jax.devices()
         if len(devices) < f.devices:
             devices = jax.devices("cpu")
-        xla = compile_report(config, report["mesh"], devices)
-        # Compare with the estimate for the platform that compiled (attn_impl="auto" differs).
-        est = estimate(config, report["mesh"], margin=f.margin, platform=xla["platform"])
+        xla = compile_report(config, report["mesh"], devices, platform=f.platform)
+        # Compare with the estimate of the attention that compiled (attn_impl="auto" off the GPU).
+        cfg = run_config.model_config(config)
+        same = xla["attention"] == attention_path(cfg, f.platform)
+        est = estimate(config, report["mesh"], margin=f.margin, platform=f.platform if same else xla["platform"])
         print()
         print(format_compile(xla, est))
 
@@ -829,7 +929,12 @@ def _define_flags() -> None:
         "device_memory_gb", 80.0, "memory per device in GiB that JAX may use (see docs/sharding.md, Memory planner)"
     )
     flags.DEFINE_float("margin", DEFAULT_MARGIN, "margin for XLA temporaries, a fraction of gradients + activations")
-    flags.DEFINE_enum("platform", "gpu", ["gpu", "tpu", "cpu"], "the devices of the run (resolves attn_impl=auto)")
+    flags.DEFINE_enum(
+        "platform",
+        "gpu",
+        ["gpu", "tpu", "cpu"],
+        "the devices of the run (resolves attn_impl=auto; --compile on CPU devices compiles a gpu run as the GPU runs it)",
+    )
     flags.DEFINE_bool(
         "compile",
         False,

@@ -4,10 +4,10 @@ A config file (``configs/<name>.py``) starts from ``base_config()`` and sets wha
 
     config.model      MPTConfig fields (model.py)
     config.data       the input pipeline (data/pipeline.py)
-    config.optimizer  name, lr, b1, b2, eps, weight_decay, grad_clip_norm (optim.py)
+    config.optimizer  name, lr, b1, b2, eps, weight_decay, grad_clip_norm, mu_dtype (optim.py)
     config.schedule   name, t_warmup, alpha_f
-    config.train      max_steps, global_batch_size, micro_batch_size, seq_len, seed, log_every,
-                      eval_every, eval_batches, peak_flops, progress
+    config.train      max_steps, global_batch_size, micro_batch_size, grad_dtype, seq_len, seed,
+                      log_every, eval_every, eval_batches, peak_flops, progress
     config.checkpoint every_steps, keep
     config.mesh       data, fsdp, tensor (-1: all remaining devices); dcn_* (how many of each axis
                       span slices/hosts over the data-center network); rules (logical -> mesh axes)
@@ -25,6 +25,9 @@ from mpt_jax import optim
 from mpt_jax.config import MPTConfig
 from mpt_jax.data import pipeline
 
+# config.train.grad_dtype: the gradients and their sum over micro-batches (steps.train_step).
+GRAD_DTYPES = ("float32", "bfloat16")
+
 
 def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
@@ -37,6 +40,7 @@ def base_config() -> ml_collections.ConfigDict:
             max_steps=1000,
             global_batch_size=8,
             micro_batch_size=0,  # 0: no accumulation (micro = global batch per process)
+            grad_dtype="float32",  # bfloat16: gradients and their sum in bfloat16 (FSDP's PURE)
             seq_len=0,  # 0: model.max_seq_len
             seed=17,
             log_every=10,
@@ -113,6 +117,9 @@ def problems(config: ml_collections.ConfigDict, n_devices: int, process_count: i
     if t.max_steps < 1:
         out.append(f"config.train.max_steps={t.max_steps}: must be positive")
     out += _batch_problems(t, data, fsdp, process_count)
+    grad_dtype = t.get("grad_dtype", "float32")
+    if grad_dtype not in GRAD_DTYPES:
+        out.append(f"config.train.grad_dtype={grad_dtype!r}: expected one of {', '.join(GRAD_DTYPES)}")
     if cfg.n_heads % tensor:
         out.append(f"config.model.n_heads={cfg.n_heads} is not divisible by config.mesh.tensor={tensor}")
     if cfg.ffn_dim % tensor:
@@ -219,6 +226,16 @@ def pretraining_recipe(
     if fsdp:
         config.mesh.data = 1
         config.mesh.fsdp = -1
+    return config
+
+
+def one_node_pure_bf16(config: ml_collections.ConfigDict, micro_batch_size: int) -> ml_collections.ConfigDict:
+    """llm-foundry's one-node setting (FSDP FULL_SHARD, PURE bfloat16, activation checkpointing)
+    in our terms: ``micro_batch_size`` rows per accumulation step, the gradients and their sum in
+    bfloat16 (float32 masters), AdamW's first moment stored in bfloat16 (docs/training.md)."""
+    config.train.micro_batch_size = micro_batch_size
+    config.train.grad_dtype = "bfloat16"
+    config.optimizer.mu_dtype = "bfloat16"
     return config
 
 

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from mpt_jax.config import MPTConfig
+from mpt_jax.loss import next_token_loss
 from mpt_jax.model import MPT, init_params
 
 TrainState = dict[str, Any]  # {"step": int32[], "params": tree, "opt_state": tree, "rng": key}
@@ -44,16 +45,26 @@ def token_losses(logits: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array]
 def loss_fn(
     params, batch: Batch, cfg: MPTConfig, *, rng: jax.Array | None = None, train: bool = False
 ) -> tuple[jax.Array, jax.Array]:
-    """(summed loss, counted tokens) of one (micro-)batch."""
-    logits = MPT(cfg).apply(
+    """(summed loss, counted tokens) of one (micro-)batch.
+
+    Float heads go through ``loss.next_token_loss`` (logits a chunk at a time, the same numbers
+    as ``token_losses`` on the whole logits); an int8 head (a quantized model's eval) through the
+    model's logits."""
+    head = params["wte"] if cfg.tie_word_embeddings else params.get("lm_head", {})
+    weight = head.get("embedding" if cfg.tie_word_embeddings else "kernel")
+    fused = weight is not None and jnp.issubdtype(weight.dtype, jnp.floating)
+    out = MPT(cfg).apply(
         {"params": params},
         batch["tokens"],
         segment_ids=batch["segment_ids"] if cfg.attn_uses_sequence_id else None,
         positions=batch["positions"] if cfg.uses_positions else None,
         deterministic=not train,
         rngs={"dropout": rng} if (train and rng is not None) else {},
+        head=not fused,
     )
-    return token_losses(logits, batch)
+    if fused:
+        return next_token_loss(out, weight, batch["tokens"], batch["loss_mask"], cfg, tied=cfg.tie_word_embeddings)
+    return token_losses(out, batch)
 
 
 def train_step(
@@ -64,8 +75,20 @@ def train_step(
     optimizer: optax.GradientTransformation,
     schedule: Callable[[jax.Array], jax.Array],
     micro_batches: int = 1,
+    grad_dtype: str = "float32",
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-    """One optimizer update from a global batch, accumulated over ``micro_batches`` with lax.scan."""
+    """One optimizer update from a global batch, accumulated over ``micro_batches`` with lax.scan.
+
+    ``grad_dtype`` (``config.train.grad_dtype``) is the dtype of the gradients and of their sum over
+    micro-batches. ``"float32"`` (the default): the gradients of the params as they are, summed in
+    float32. ``"bfloat16"`` (FSDP's PURE mixed precision): the loss is differentiated at the params
+    cast to bfloat16, so each micro-batch's gradients and their running sum are bfloat16, half the
+    bytes of float32 each (beside a bfloat16 copy of the params). Either way the sum is divided by
+    the token count in float32 and the optimizer gets float32 gradients (for float32 params): the
+    clipping norm and the update of the float32 masters are float32.
+    """
+    if grad_dtype not in ("float32", "bfloat16"):
+        raise ValueError(f"train_step: grad_dtype={grad_dtype!r}; expected 'float32' or 'bfloat16'")
     params = state["params"]
     rng = jax.random.fold_in(state["rng"], state["step"])
     rows = batch["tokens"].shape[0]
@@ -75,23 +98,28 @@ def train_step(
     # is spread over all of them.
     micro = jax.tree.map(lambda x: x.reshape(rows // micro_batches, micro_batches, *x.shape[1:]).swapaxes(0, 1), batch)
     grad_fn = jax.value_and_grad(lambda p, b, r: loss_fn(p, b, cfg, rng=r, train=True), has_aux=True)
+    sum_dtype = jnp.dtype(grad_dtype)
+    if sum_dtype == jnp.float32:
+        at = params  # float32 (or bfloat16) params: their own gradients, summed in float32
+    else:  # the gradients take the dtype of what they are taken at
+        at = jax.tree.map(lambda p: p.astype(sum_dtype) if jnp.issubdtype(p.dtype, jnp.floating) else p, params)
 
     def accumulate(carry, inputs):
         grads, loss_sum, count = carry
         index, mb = inputs
-        (loss, n), g = grad_fn(params, mb, jax.random.fold_in(rng, index))
+        (loss, n), g = grad_fn(at, mb, jax.random.fold_in(rng, index))
         grads = jax.tree.map(lambda a, b: a + b.astype(a.dtype), grads, g)
         return (grads, loss_sum + loss, count + n), None
 
     if micro_batches == 1:  # no accumulation buffer: one set of gradients in memory, not two
-        (loss_sum, count), grads = grad_fn(params, batch, jax.random.fold_in(rng, 0))
-        grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+        (loss_sum, count), grads = grad_fn(at, batch, jax.random.fold_in(rng, 0))
+        grads = jax.tree.map(lambda g: g.astype(sum_dtype), grads)
     else:
-        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, sum_dtype), params)
         init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
         (grads, loss_sum, count), _ = jax.lax.scan(accumulate, init, (jnp.arange(micro_batches), micro))
     denom = jnp.maximum(count, 1.0)
-    grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, params)
+    grads = jax.tree.map(lambda g, p: (g.astype(jnp.float32) / denom).astype(p.dtype), grads, params)
     updates, opt_state = optimizer.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
     loss = loss_sum / denom

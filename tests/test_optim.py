@@ -376,6 +376,46 @@ def test_bfloat16_params_float32_moments(name):
 
 
 @pytest.mark.parametrize("name", optim.OPTIMIZERS)
+def test_bfloat16_first_moment(name):
+    """mu_dtype='bfloat16' stores the first moment rounded to bfloat16 (Adam's second moment stays
+    float32); each step computes it in float32 from the stored value and updates with the float32
+    value, so the first update is exactly float32's and later ones stay close."""
+    params = make_params()
+    grad_steps = make_grad_steps(params, 6)
+    treedef = jax.tree.structure(params)
+    grads = [jax.tree.unflatten(treedef, [jnp.asarray(g) for g in step]) for step in grad_steps]
+    opt = {"name": name, "lr": LR, "weight_decay": WD, "b2": 0.99, "grad_clip_norm": None}
+    txs = {dt: optim.make_optimizer(dict(opt, mu_dtype=dt), SCHEDULE, max_steps=MAX_STEPS) for dt in optim.MU_DTYPES}
+    states = {dt: tx.init(params) for dt, tx in txs.items()}
+    core = states["bfloat16"][1]
+    assert {x.dtype for x in jax.tree.leaves(core.mu)} == {jnp.dtype(jnp.bfloat16)}
+    if hasattr(core, "nu"):
+        assert {x.dtype for x in jax.tree.leaves(core.nu)} == {jnp.dtype(jnp.float32)}
+    ps = {dt: params for dt in txs}
+    for step, g in enumerate(grads):
+        before = states["bfloat16"][1].mu
+        updates = {}
+        for dt, tx in txs.items():
+            updates[dt], states[dt] = tx.update(g, states[dt], ps[dt])
+            ps[dt] = optax.apply_updates(ps[dt], updates[dt])
+        if step == 0:  # from zero moments the float32 update is the same bits
+            for a, b in zip(jax.tree.leaves(updates["bfloat16"]), jax.tree.leaves(updates["float32"]), strict=True):
+                assert np.array_equal(np.asarray(a), np.asarray(b))
+        # The stored moment is the float32 moment of the stored one, rounded once.
+        beta = opt["b2"] if name == "decoupled_lionw" else optim.optimizer_config().b1
+        after = jax.tree.leaves(states["bfloat16"][1].mu)
+        for m0, gi, m1 in zip(jax.tree.leaves(before), jax.tree.leaves(g), after, strict=True):
+            m0 = m0.astype(jnp.float32)
+            if name == "decoupled_lionw":  # torch.lerp with weight 1 - b2 < 0.5
+                want = m0 + (1.0 - beta) * (gi - m0)
+            else:
+                want = beta * m0 + (1.0 - beta) * gi
+            assert np.array_equal(np.asarray(want.astype(jnp.bfloat16)), np.asarray(m1))
+    if name != "decoupled_lionw":  # Lion's sign may flip where b1 m + (1 - b1) g is near 0
+        assert 0 < max_diff(ps["bfloat16"], [np.asarray(x, np.float64) for x in jax.tree.leaves(ps["float32"])]) < 2e-3
+
+
+@pytest.mark.parametrize("name", optim.OPTIMIZERS)
 def test_jit_matches_eager_and_state_is_arrays(name):
     params = make_params()
     grad_steps = make_grad_steps(params, 4)
@@ -412,7 +452,7 @@ def test_config_helpers():
     opt = optim.optimizer_config()
     assert opt.to_dict() == {
         "name": "decoupled_adamw", "lr": 6e-4, "b1": 0.9, "b2": 0.95, "eps": 1e-8, "weight_decay": 0.0,
-        "grad_clip_norm": 1.0, "decay_norms_and_embeddings": True,
+        "grad_clip_norm": 1.0, "decay_norms_and_embeddings": True, "mu_dtype": "float32",
     }  # fmt: skip
     assert optim.optimizer_config(lr=1e-4, name="decoupled_lionw").lr == 1e-4
     assert optim.schedule_config().to_dict() == {"name": "cosine_with_warmup", "t_warmup": 100, "alpha_f": 0.1}
@@ -444,6 +484,7 @@ def test_config_helpers():
         ({"weight_decay": -0.1}, SCHEDULE, r"config\.optimizer\.weight_decay"),
         ({"grad_clip_norm": -1.0}, SCHEDULE, r"config\.optimizer\.grad_clip_norm"),
         ({"decay_norms_and_embeddings": "no"}, SCHEDULE, r"config\.optimizer\.decay_norms_and_embeddings"),
+        ({"mu_dtype": "float16"}, SCHEDULE, r"config\.optimizer\.mu_dtype='float16'"),
     ],
 )
 def test_errors(optimizer, schedule, match):

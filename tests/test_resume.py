@@ -462,6 +462,8 @@ def test_a_workdir_that_is_a_file_is_named(stdlib_data_dir, tmp_path):
             r"config\.schedule\.t_warmup=7 is greater than max_steps=6 \(config\.train\.max_steps\)",
         ),
         ({"optimizer.b2": 1.5}, r"config\.optimizer\.b2=1\.5 must be < 1"),
+        ({"train.grad_dtype": "float16"}, r"config\.train\.grad_dtype='float16': expected one of float32, bfloat16"),
+        ({"optimizer.mu_dtype": "int8"}, r"config\.optimizer\.mu_dtype='int8': expected one of float32, bfloat16"),
     ],
 )
 def test_config_checks_name_the_key(overrides, match):

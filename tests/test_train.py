@@ -12,6 +12,7 @@ import sys
 import time
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -181,6 +182,35 @@ def test_errors_before_anything_compiles(stdlib_data_dir, tmp_path):
     assert bad.returncode != 0 and "smaller than the tokenizer's 8192 ids" in bad.stderr
 
 
+def test_trainer_with_bfloat16_gradients_and_first_moment(stdlib_data_dir, tmp_path):
+    """train.grad_dtype and optimizer.mu_dtype reach the jitted step: a run accumulating bfloat16
+    gradients trains, and its checkpoint holds float32 params, a bfloat16 mu and a float32 nu."""
+    workdir = str(tmp_path / "bf16")
+    done = run(
+        train_cmd(
+            workdir,
+            stdlib_data_dir,
+            "--config.train.max_steps=12",
+            "--config.train.micro_batch_size=2",
+            "--config.train.grad_dtype=bfloat16",
+            "--config.optimizer.mu_dtype=bfloat16",
+            "--config.checkpoint.every_steps=12",
+        )
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = losses(workdir)
+    assert sorted(got) == list(range(1, 13)) and got[12] < got[1] - 0.5
+    with ocp.StandardCheckpointer() as ckptr:
+        state = ckptr.restore(os.path.join(workdir, "checkpoints", "12", "state"))
+    dtypes = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(state)[0]:
+        names = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
+        kind = "params" if names[0] == "params" else next((n for n in names if n in ("mu", "nu")), None)
+        if kind and np.ndim(leaf) > 0:
+            dtypes.setdefault(kind, set()).add(np.dtype(leaf.dtype).name)
+    assert dtypes == {"params": {"float32"}, "mu": {"bfloat16"}, "nu": {"float32"}}
+
+
 def test_nonfinite_loss_stops_naming_the_step(stdlib_data_dir, tmp_path):
     """lr=1e30 without clipping: the gradients overflow (here while the loss is still finite) and
     the run stops there; every step before it is saved (every_steps=1), that step is not."""
@@ -289,6 +319,116 @@ def test_gradient_accumulation_equals_one_big_batch():
         assert float(out[k][1]["tokens"]) == float(out[1][1]["tokens"])
         for a, b in zip(jax.tree.leaves(out[k][0]), jax.tree.leaves(out[1][0]), strict=True):
             np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def _micro_batch_scan(step_fn, state, batch):
+    """The one top-level scan of a jitted-less train step: the loop over micro-batches."""
+    jaxpr = jax.make_jaxpr(step_fn)(state, batch).jaxpr
+    (scan,) = [e for e in jaxpr.eqns if e.primitive.name == "scan"]
+    return scan
+
+
+def test_bfloat16_gradients_are_bfloat16_inside_the_step():
+    """grad_dtype='bfloat16': the loss is differentiated at bfloat16 params (the float32 masters
+    never enter the micro-batch loop) and the gradient sum carried between micro-batches is
+    bfloat16; with the default, both are float32. The optimizer still updates float32 params."""
+    cfg = MPTConfig(d_model=48, n_heads=2, n_layers=3, vocab_size=80, max_seq_len=16, dtype="bfloat16")
+    opt = optax.sgd(0.5)
+    state = steps.init_state(cfg, opt, jax.random.key(0))
+    batch = _batch(jax.random.key(1), 8, 16, cfg.vocab_size)
+    params = jax.tree.leaves(state["params"])
+    shapes = {x.shape for x in params}
+    for grad_dtype, want in (("float32", jnp.float32), ("bfloat16", jnp.bfloat16)):
+        scan = _micro_batch_scan(
+            lambda s, b, g=grad_dtype: steps.train_step(
+                s, b, cfg=cfg, optimizer=opt, schedule=lambda t: 0.5, micro_batches=4, grad_dtype=g
+            ),
+            state,
+            batch,
+        )
+        consts = [v.aval for v in scan.invars[: scan.params["num_consts"]] if v.aval.shape in shapes]
+        sums = [v.aval for v in scan.outvars[: len(params)]]  # the carry: (grads, loss_sum, count)
+        assert len(consts) == len(params) and {a.dtype for a in consts} == {jnp.dtype(want)}, grad_dtype
+        assert [a.shape for a in sums] == [x.shape for x in params]
+        assert {a.dtype for a in sums} == {jnp.dtype(want)}, grad_dtype
+        new, _ = jax.eval_shape(
+            lambda s, b, g=grad_dtype: steps.train_step(
+                s, b, cfg=cfg, optimizer=opt, schedule=lambda t: 0.5, micro_batches=4, grad_dtype=g
+            ),
+            state,
+            batch,
+        )
+        assert {x.dtype for x in jax.tree.leaves(new["params"])} == {jnp.dtype(jnp.float32)}
+    with pytest.raises(ValueError, match="grad_dtype='float16'"):
+        steps.train_step(state, batch, cfg=cfg, optimizer=opt, schedule=lambda t: 0.5, grad_dtype="float16")
+
+
+def test_bfloat16_gradients_give_the_float32_step_closely():
+    """With bfloat16 compute the forward pass is the same at bfloat16 params (the model casts its
+    weights to bfloat16 anyway; the norms' scales start at exactly 1), so the loss is the same; the
+    update differs by the bfloat16 rounding of the gradients and of their sum over micro-batches."""
+    cfg = MPTConfig(d_model=64, n_heads=2, n_layers=2, vocab_size=96, max_seq_len=32, dtype="bfloat16")
+    opt = optax.sgd(1.0)  # linear: the param change is minus the gradient
+    state = steps.init_state(cfg, opt, jax.random.key(2))
+    batch = _batch(jax.random.key(3), 8, 32, cfg.vocab_size)
+    out = {}
+    for grad_dtype, k in (("float32", 1), ("bfloat16", 1), ("bfloat16", 4)):
+        fn = jax.jit(
+            lambda s, b, g=grad_dtype, k=k: steps.train_step(
+                s, b, cfg=cfg, optimizer=opt, schedule=lambda t: 1.0, micro_batches=k, grad_dtype=g
+            )
+        )
+        out[grad_dtype, k] = fn(state, batch)
+    ref_params, ref = out["float32", 1]
+    before = jax.tree.leaves(state["params"])
+    ref_change = [a - b for a, b in zip(jax.tree.leaves(ref_params["params"]), before, strict=True)]
+    for k in (1, 4):
+        new, m = out["bfloat16", k]
+        np.testing.assert_allclose(m["loss"], ref["loss"], rtol=1e-6)
+        np.testing.assert_allclose(m["grad_norm"], ref["grad_norm"], rtol=1e-2)
+        for a, b, want in zip(jax.tree.leaves(new["params"]), before, ref_change, strict=True):
+            got = np.asarray(a - b)
+            # bfloat16 keeps 8 bits: each gradient within a few 2^-8 of its size, or of the leaf's scale
+            scale = np.abs(np.asarray(want)).max()
+            np.testing.assert_allclose(got, want, rtol=2e-2, atol=2e-2 * scale)
+        rel = np.sqrt(
+            sum(
+                float(jnp.sum((a - b - w) ** 2))
+                for a, b, w in zip(jax.tree.leaves(new["params"]), before, ref_change, strict=True)
+            )
+        )
+        rel /= np.sqrt(sum(float(jnp.sum(w**2)) for w in ref_change))
+        assert 0 < rel < 1e-2, (k, rel)  # different (bfloat16), but by bfloat16's rounding only
+
+
+def _dtypes_in(jaxpr) -> set:
+    """Every dtype of every value in a jaxpr and the jaxprs inside it (scan bodies, remat, grads)."""
+    out = set()
+    for eqn in jaxpr.eqns:
+        out |= {v.aval.dtype for v in (*eqn.invars, *eqn.outvars) if hasattr(v.aval, "dtype")}
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+            out |= _dtypes_in(sub)
+    return out
+
+
+def test_float32_gradients_stay_float32_throughout():
+    """The default (grad_dtype float32) of a float32 model has no narrower float anywhere in the
+    step, with or without accumulation: the option adds nothing to the default path."""
+    cfg = MPTConfig(d_model=32, n_heads=2, n_layers=2, vocab_size=64, max_seq_len=16)
+    opt = optax.sgd(0.5)
+    state = steps.init_state(cfg, opt, jax.random.key(4))
+    batch = _batch(jax.random.key(5), 4, 16, cfg.vocab_size)
+    for k in (1, 2):
+        for grad_dtype in ("float32", "bfloat16"):
+            jaxpr = jax.make_jaxpr(
+                lambda s, b, k=k, g=grad_dtype: steps.train_step(
+                    s, b, cfg=cfg, optimizer=opt, schedule=lambda t: 0.5, micro_batches=k, grad_dtype=g
+                )
+            )(state, batch)
+            floats = {d for d in _dtypes_in(jaxpr.jaxpr) if jnp.issubdtype(d, jnp.floating)}
+            assert floats == (
+                {jnp.dtype(jnp.float32)} | ({jnp.dtype(jnp.bfloat16)} if grad_dtype == "bfloat16" else set())
+            )
 
 
 # ----------------------------------------------------------------------------------------------

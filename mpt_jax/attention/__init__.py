@@ -30,9 +30,9 @@ import jax.numpy as jnp
 from mpt_jax.attention.alibi import alibi_slopes
 from mpt_jax.attention.names import IMPLS
 from mpt_jax.attention.pallas_gpu import BlockSizes, flash_attention
-from mpt_jax.attention.xla import attend_xla, attention_bias, check_options
+from mpt_jax.attention.xla import SAVED_NAMES, attend_xla, attention_bias, check_options
 
-__all__ = ["IMPLS", "BlockSizes", "alibi_slopes", "attend"]
+__all__ = ["IMPLS", "SAVED_NAMES", "BlockSizes", "alibi_slopes", "attend"]
 
 
 def attend(

@@ -11,11 +11,13 @@ arguments that every backend shares.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 # A large finite negative: exp() underflows to exactly 0, and a fully masked row stays finite.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -120,35 +122,107 @@ def attend_xla(
     batch, q_len, n_heads, head_dim = q.shape
     kv_len, n_kv = k.shape[1], k.shape[2]
     group = n_heads // n_kv
-    bias = attention_bias(
-        q_len,
-        kv_len,
-        causal=causal,
+    # The bias is rebuilt from these small inputs in the backward rather than kept ([H, S, T]).
+    bias_inputs = dict(
         alibi_slopes=alibi_slopes,
         q_segment_ids=q_segment_ids,
         kv_segment_ids=kv_segment_ids,
-        sliding_window=sliding_window,
         q_positions=q_positions,
         kv_positions=kv_positions,
         mask=mask,
     )
+    make_bias = functools.partial(attention_bias, q_len, kv_len, causal=causal, sliding_window=sliding_window)
     # Heads first, then each kv head's query heads as extra query rows ([B, Hkv, group * S, D]):
     # both products are plain batched matmuls (on a CPU several times faster than contracting in
     # the [B, S, H, D] layout). Head h reads kv head h // group.
     q = q.reshape(batch, q_len, n_kv, group, head_dim).transpose(0, 2, 3, 1, 4)
     q = q.reshape(batch, n_kv, group * q_len, head_dim)
     k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-    scores = jnp.einsum("bkqd,bktd->bkqt", q, k, preferred_element_type=jnp.float32) * softmax_scale
-    scores = scores.reshape(batch, n_heads, q_len, kv_len)
-    if logit_softcap is not None:  # before the bias: ALiBi is not capped
-        scores = logit_softcap * jnp.tanh(scores / logit_softcap)
-    probs = jax.nn.softmax(scores + bias, axis=-1)
     if dropout_rate > 0.0:
         if dropout_rng is None:
             raise ValueError("attend: dropout_rate > 0 needs a dropout_rng")
-        keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs.shape)
-        probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
-    probs = probs.astype(v.dtype).reshape(batch, n_kv, group * q_len, kv_len)
-    out = jnp.einsum("bkqt,bktd->bkqd", probs, v, preferred_element_type=jnp.float32)
-    out = out.reshape(batch, n_heads, q_len, head_dim).transpose(0, 2, 1, 3)
-    return out.astype(v.dtype)
+        bias = make_bias(**bias_inputs)
+        out = _attention_with_dropout(q, k, v, bias, softmax_scale, logit_softcap, dropout_rate, dropout_rng)
+    else:
+        out = _attention(q, k, v, bias_inputs, softmax_scale, logit_softcap, make_bias)
+    return out.reshape(batch, n_heads, q_len, head_dim).transpose(0, 2, 1, 3)
+
+
+# Under a remat policy that saves them (model.remat_policy "dots"), the attention's output and
+# log-sum-exp are kept by these names and the backward recomputes nothing else of the forward.
+OUT_NAME, LSE_NAME = "attention_out", "attention_lse"
+SAVED_NAMES = (OUT_NAME, LSE_NAME)
+
+
+def _logits(q, k, bias, scale, softcap):
+    """Scores [B, Hkv, G*S, T] (float32): scale * q.k, softcapped, plus the bias; and the capped
+    tanh (for the backward) or None."""
+    batch, n_kv, rows, _ = q.shape
+    kv_len = k.shape[2]
+    s = jnp.einsum("bkqd,bktd->bkqt", q, k, preferred_element_type=jnp.float32) * scale
+    tanh = None
+    if softcap is not None:  # before the bias: ALiBi is not capped
+        tanh = jnp.tanh(s / softcap)
+        s = softcap * tanh
+    # The bias is [B or 1, H or 1, S, T]; the rows here are (group, S) of each kv head, so a
+    # per-head bias is the same memory as [B or 1, Hkv, G*S, T]; a head-less one repeats per group.
+    b_batch, b_heads, q_len, _ = bias.shape
+    group = rows // q_len
+    if b_heads > 1:
+        s = s + bias.reshape(b_batch, n_kv, rows, kv_len)
+    elif group == 1:
+        s = s + bias
+    else:
+        s = (s.reshape(batch, n_kv, group, q_len, kv_len) + bias[:, :, None]).reshape(s.shape)
+    return s, tanh
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _attention(q, k, v, bias_inputs, scale, softcap, make_bias):
+    """softmax(logits) @ v in the [B, Hkv, G*S, D] layout, in v's dtype; a flash-style backward
+    that recomputes the probabilities from q, k and the log-sum-exp instead of keeping [S, T]
+    tensors (the bias too is rebuilt from its small inputs)."""
+    return _attention_fwd(q, k, v, bias_inputs, scale, softcap, make_bias)[0]
+
+
+def _attention_fwd(q, k, v, bias_inputs, scale, softcap, make_bias):
+    s, _ = _logits(q, k, make_bias(**bias_inputs), scale, softcap)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    p = jnp.exp(s - m)
+    total = jnp.sum(p, axis=-1, keepdims=True)
+    lse = checkpoint_name((m + jnp.log(total))[..., 0], LSE_NAME)
+    probs = (p / total).astype(v.dtype)
+    out = jnp.einsum("bkqt,bktd->bkqd", probs, v, preferred_element_type=jnp.float32).astype(v.dtype)
+    out = checkpoint_name(out, OUT_NAME)
+    return out, (q, k, v, bias_inputs, out, lse)
+
+
+def _attention_bwd(scale, softcap, make_bias, residuals, g):
+    q, k, v, bias_inputs, out, lse = residuals
+    acc = jnp.promote_types(v.dtype, jnp.float32)
+    s, tanh = _logits(q, k, make_bias(**bias_inputs), scale, softcap)
+    p = jnp.exp(s - lse[..., None])
+    g = g.astype(v.dtype)
+    dv = jnp.einsum("bkqt,bkqd->bktd", p.astype(v.dtype), g, preferred_element_type=acc).astype(v.dtype)
+    dp = jnp.einsum("bkqd,bktd->bkqt", g, v, preferred_element_type=acc)
+    delta = jnp.sum(g.astype(acc) * out.astype(acc), axis=-1, keepdims=True)
+    ds = p * (dp - delta)
+    if tanh is not None:
+        ds = ds * (1.0 - tanh * tanh)
+    ds = (ds * scale).astype(q.dtype)
+    dq = jnp.einsum("bkqt,bktd->bkqd", ds, k, preferred_element_type=acc).astype(q.dtype)
+    dk = jnp.einsum("bkqt,bkqd->bktd", ds, q, preferred_element_type=acc).astype(k.dtype)
+    return dq, dk, dv, jax.tree.map(lambda _: None, bias_inputs)
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def _attention_with_dropout(q, k, v, bias, scale, softcap, rate, rng):
+    """The same attention with dropout on the probabilities, differentiated by jax (training with
+    attn_pdrop > 0 is rare; its backward keeps the probabilities)."""
+    s, _ = _logits(q, k, bias, scale, softcap)
+    probs = jax.nn.softmax(s, axis=-1)
+    keep = jax.random.bernoulli(rng, 1.0 - rate, probs.shape)
+    probs = jnp.where(keep, probs / (1.0 - rate), 0.0).astype(v.dtype)
+    return jnp.einsum("bkqt,bktd->bkqd", probs, v, preferred_element_type=jnp.float32).astype(v.dtype)

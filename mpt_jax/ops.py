@@ -1,0 +1,145 @@
+"""The model's differentiable building blocks whose backward passes are written by hand.
+
+Why by hand: JAX's own transposes of a mixed-precision product (bfloat16 inputs, float32
+accumulation) multiply a float32 cotangent by a bfloat16 operand, which XLA runs as a float32
+matmul; and autodiff of the exact GELU keeps four [tokens, ffn] tensors for the backward. Here:
+
+- ``matmul``: ``x @ w`` in the compute dtype with (at least) float32 accumulation, forward and
+  backward alike, the result rounded once to the compute dtype; the weight's gradient comes back in
+  the weight's own dtype (float32 master weights get float32 gradients, accumulated in float32).
+  The residuals are x and the weight in the compute dtype, as torch autocast keeps them.
+- ``gelu``: the exact (erf) GELU, evaluated in float32, whose backward needs only its input.
+
+Their outputs are tagged with ``jax.ad_checkpoint.checkpoint_name`` by the model, so that remat
+policies save them by name (``model.remat_policy``).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+
+def accumulation_dtype(dtype) -> jnp.dtype:
+    """float32 for bfloat16/float16/float32 inputs; float64 stays float64."""
+    return jnp.promote_types(jnp.dtype(dtype), jnp.float32)
+
+
+def _dot(a: jax.Array, b: jax.Array, contract: tuple[int, int]) -> jax.Array:
+    """2-D product contracting axis contract[0] of a with axis contract[1] of b, accumulated in
+    at least float32."""
+    dims = (((contract[0],), (contract[1],)), ((), ()))
+    return jax.lax.dot_general(a, b, dims, preferred_element_type=accumulation_dtype(a.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _matmul(x: jax.Array, w: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    return _dot(x, w.astype(dtype), (1, 0)).astype(dtype)
+
+
+def _matmul_fwd(x, w, dtype):
+    wc = w.astype(dtype)
+    # A zero-size token: the backward needs w's dtype, which cannot travel as a Python value.
+    return _dot(x, wc, (1, 0)).astype(dtype), (x, wc, jnp.zeros((0,), w.dtype))
+
+
+def _matmul_bwd(dtype, residuals, g):
+    x, wc, w_kind = residuals
+    g = g.astype(dtype)
+    dx = _dot(g, wc, (1, 1)).astype(x.dtype)  # [N, M] . [K, M] -> [N, K]
+    return dx, _weight_grad(x, g).astype(w_kind.dtype)
+
+
+def _weight_grad(x: jax.Array, g: jax.Array) -> jax.Array:
+    """x^T g: [N, K] . [N, M] -> [K, M], contracting the tokens, accumulated in at least float32.
+
+    XLA:CPU runs a bfloat16 product that contracts the leading axis of both operands by
+    converting them to float32; spelled as a contraction over two axes ([1, N]) it transposes x
+    in bfloat16 and takes its fast bfloat16 matmul (3-4x faster on AVX512-BF16/AMX). float32
+    keeps the plain form, which its own matmul handles as fast."""
+    if x.dtype == jnp.float32 or x.dtype == jnp.float64:
+        return _dot(x, g, (0, 0))
+    dims = (((0, 1), (0, 1)), ((), ()))
+    return jax.lax.dot_general(x[None], g[None], dims, preferred_element_type=accumulation_dtype(x.dtype))
+
+
+_matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+def matmul(x: jax.Array, w: jax.Array, dtype) -> jax.Array:
+    """[N, K] @ [K, M] -> [N, M] in ``dtype``: inputs cast to ``dtype``, products accumulated in
+    at least float32 and rounded once; the backward's two products likewise, w's gradient in w's
+    dtype."""
+    dtype = jnp.dtype(dtype)
+    return _matmul(x.astype(dtype), w, dtype)
+
+
+_SQRT_HALF = 1.0 / math.sqrt(2.0)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+@jax.custom_vjp
+def gelu(x: jax.Array) -> jax.Array:
+    """Exact GELU, x * Phi(x) (torch's default ``gelu``), in float32 whatever x's dtype."""
+    y = x.astype(accumulation_dtype(x.dtype))
+    return (0.5 * y * (1.0 + jax.lax.erf(y * _SQRT_HALF))).astype(x.dtype)
+
+
+def _gelu_fwd(x):
+    return gelu(x), x
+
+
+def _gelu_bwd(x, g):
+    y = x.astype(accumulation_dtype(x.dtype))
+    cdf = 0.5 * (1.0 + jax.lax.erf(y * _SQRT_HALF))
+    pdf = jnp.exp(-0.5 * y * y) * _INV_SQRT_2PI
+    return (((cdf + y * pdf) * g.astype(y.dtype)).astype(x.dtype),)
+
+
+gelu.defvjp(_gelu_fwd, _gelu_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def norm(x: jax.Array, scale: jax.Array, bias: jax.Array | None, axes: int, eps: float, rms: bool, dtype) -> jax.Array:
+    """LayerNorm (biased variance) or RMSNorm over the trailing ``axes`` axes of x, in float32,
+    times ``scale`` (plus ``bias``), returned in ``dtype``. The backward keeps x and two float32
+    statistics per row (autodiff keeps three float32 copies of x)."""
+    return _norm_fwd(x, scale, bias, axes, eps, rms, dtype)[0]
+
+
+def _norm_stats(xf: jax.Array, axes: int, eps: float, rms: bool) -> tuple[jax.Array, jax.Array]:
+    reduce = tuple(range(xf.ndim - axes, xf.ndim))
+    mean = jnp.zeros((), xf.dtype) if rms else jnp.mean(xf, reduce, keepdims=True)
+    centered = xf - mean
+    return mean, jax.lax.rsqrt(jnp.mean(centered * centered, reduce, keepdims=True) + eps)
+
+
+def _norm_fwd(x, scale, bias, axes, eps, rms, dtype):
+    xf = x.astype(accumulation_dtype(x.dtype))
+    mean, rstd = _norm_stats(xf, axes, eps, rms)
+    y = (xf - mean) * rstd * scale.astype(xf.dtype)
+    if bias is not None:
+        y = y + bias.astype(xf.dtype)
+    return y.astype(dtype), (x, mean, rstd, scale, bias)
+
+
+def _norm_bwd(axes, eps, rms, dtype, residuals, g):
+    x, mean, rstd, scale, bias = residuals
+    xf = x.astype(accumulation_dtype(x.dtype))
+    reduce = tuple(range(xf.ndim - axes, xf.ndim))
+    rows = tuple(range(xf.ndim - axes))
+    xhat = (xf - mean) * rstd
+    gf = g.astype(xf.dtype)
+    dscale = jnp.sum(gf * xhat, rows).astype(scale.dtype)
+    dbias = None if bias is None else jnp.sum(gf, rows).astype(bias.dtype)
+    dxhat = gf * scale.astype(xf.dtype)
+    inner = dxhat - xhat * jnp.mean(dxhat * xhat, reduce, keepdims=True)
+    if not rms:
+        inner = inner - jnp.mean(dxhat, reduce, keepdims=True)
+    return (rstd * inner).astype(x.dtype), dscale, dbias
+
+
+norm.defvjp(_norm_fwd, _norm_bwd)
