@@ -207,11 +207,11 @@ def activation_bytes(
     work = 2 * f32 * n * d + f32 * n * ffn + (f32 * scores if path == "xla" else f32 * n * (q + 2 * kv))
     layer = work + (0 if cfg.remat_policy == "none" else none) + layer_transient_bytes
 
-    # Final LayerNorm; the loss (loss.py) a chunk of positions at a time: a few float32
+    # Final LayerNorm; the loss (loss.py) a chunk of positions at a time: three float32
     # [rows, chunk, vocab] (logits, probabilities, their gradient), the hidden states' gradient,
     # and the table's float32 gradient summed over the chunks.
     chunk = chunk_length(rows, T, cfg.vocab_size)
-    logits = 4 * f32 * rows * chunk * vocab
+    logits = 3 * f32 * rows * chunk * vocab
     head_grad = f32 * vocab * d if head_grad_bytes is None else head_grad_bytes
     head = 3 * f32 * n * d + 2 * c * n * d + logits + head_grad + head_weight_bytes + head_transient_bytes
     # The last layer's output is kept too, for the final norm's backward.
