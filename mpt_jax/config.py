@@ -69,6 +69,8 @@ ATTN_IMPLS = attention_impls.IMPLS
 # and the run that reads it.
 EXECUTION_FIELDS = ("dtype", "param_dtype", "remat_policy", "attn_impl")
 DTYPES = ("float32", "bfloat16", "float16")
+# train.grad_dtype: the gradients and their sum over micro-batches (steps.train_step).
+GRAD_DTYPES = ("float32", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)

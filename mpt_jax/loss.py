@@ -89,9 +89,10 @@ def _chunks(x: jax.Array, chunk: int) -> jax.Array:
     return x.reshape(b, t // chunk, chunk, *x.shape[2:]).swapaxes(0, 1)
 
 
-def _chunk_losses(head: _Head, h, w, targets, weights):
-    """(float32 logits [B, c, V], per-position losses [B, c] weighted)."""
-    logits = head.logits(head.raw(h, w))
+def _chunk_losses(head: _Head, z, targets, weights):
+    """(float32 logits [B, c, V], their log-sum-exp, per-position losses [B, c] weighted) from the
+    head's raw product z."""
+    logits = head.logits(z)
     lse = jax.nn.logsumexp(logits, axis=-1)
     target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
     return logits, lse, (lse - target_logit) * weights
@@ -101,7 +102,7 @@ def _chunk_losses(head: _Head, h, w, targets, weights):
 def _chunked_loss(h, w, targets, weights, head: _Head) -> jax.Array:
     def body(total, xs):
         hc, tc, wc = xs
-        return total + jnp.sum(_chunk_losses(head, hc, w, tc, wc)[2]), None
+        return total + jnp.sum(_chunk_losses(head, head.raw(hc, w), tc, wc)[2]), None
 
     xs = (_chunks(h, head.chunk), _chunks(targets, head.chunk), _chunks(weights, head.chunk))
     return jax.lax.scan(body, jnp.zeros((), jnp.float32), xs)[0]
@@ -115,7 +116,7 @@ def _chunked_loss_fwd(h, w, targets, weights, head: _Head):
         total, dw = carry
         hc, tc, wtc = xs
         z = head.raw(hc, wc)
-        logits, lse, losses = _chunk_losses(head, hc, wc, tc, wtc)
+        logits, lse, losses = _chunk_losses(head, z, tc, wtc)
         # d(sum of losses)/d(logits) = (softmax - one_hot(target)) * weight, then back through
         # the softcap and the multiplier to the raw product z.
         dlogits = jnp.exp(logits - lse[..., None])

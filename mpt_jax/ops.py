@@ -37,7 +37,7 @@ def _dot(a: jax.Array, b: jax.Array, contract: tuple[int, int]) -> jax.Array:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _matmul(x: jax.Array, w: jax.Array, dtype: jnp.dtype) -> jax.Array:
-    return _dot(x, w.astype(dtype), (1, 0)).astype(dtype)
+    return _matmul_fwd(x, w, dtype)[0]
 
 
 def _matmul_fwd(x, w, dtype):

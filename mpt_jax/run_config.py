@@ -22,11 +22,8 @@ from __future__ import annotations
 import ml_collections
 
 from mpt_jax import optim
-from mpt_jax.config import MPTConfig
+from mpt_jax.config import GRAD_DTYPES, MPTConfig
 from mpt_jax.data import pipeline
-
-# config.train.grad_dtype: the gradients and their sum over micro-batches (steps.train_step).
-GRAD_DTYPES = ("float32", "bfloat16")
 
 
 def base_config() -> ml_collections.ConfigDict:

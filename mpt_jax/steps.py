@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from mpt_jax.config import MPTConfig
+from mpt_jax.config import GRAD_DTYPES, MPTConfig
 from mpt_jax.loss import next_token_loss
 from mpt_jax.model import MPT, init_params
 
@@ -87,8 +87,8 @@ def train_step(
     the token count in float32 and the optimizer gets float32 gradients (for float32 params): the
     clipping norm and the update of the float32 masters are float32.
     """
-    if grad_dtype not in ("float32", "bfloat16"):
-        raise ValueError(f"train_step: grad_dtype={grad_dtype!r}; expected 'float32' or 'bfloat16'")
+    if grad_dtype not in GRAD_DTYPES:
+        raise ValueError(f"train_step: grad_dtype={grad_dtype!r}; expected one of {', '.join(GRAD_DTYPES)}")
     params = state["params"]
     rng = jax.random.fold_in(state["rng"], state["step"])
     rows = batch["tokens"].shape[0]
