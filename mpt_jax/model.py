@@ -124,7 +124,7 @@ class Linear(nn.Module):
         n_in, n_out = math.prod(shape[: self.n_in]), math.prod(self.features)
         x2, w2 = x.reshape(-1, n_in), kernel.reshape(n_in, n_out)
         if jnp.issubdtype(kernel.dtype, jnp.floating):
-            y = checkpoint_name(ops.matmul(x2, w2, dtype), LINEAR_OUT)
+            y = checkpoint_name(ops.matmul(x2, kernel, dtype), LINEAR_OUT)
         else:  # int8 weights (inference only): no gradient to shape
             y = x2.astype(dtype) @ w2.astype(dtype)
         y = y.reshape(*x.shape[: x.ndim - self.n_in], *self.features)
@@ -370,6 +370,8 @@ class MPT(nn.Module):
 
     ``head=False`` returns the final-normed hidden states [batch, length, d_model] (compute dtype)
     instead of logits: the training loss (loss.py) applies the head itself, chunk by chunk.
+    ``embeddings`` ([batch, length, d_model], ``wte(tokens)`` looked up by the caller) replace the
+    lookup: the train step takes them outside the differentiated function (``steps.loss_fn``).
     """
 
     cfg: MPTConfig
@@ -389,6 +391,7 @@ class MPT(nn.Module):
         logit_positions: jax.Array | None = None,
         attention_mask: jax.Array | None = None,
         head: bool = True,
+        embeddings: jax.Array | None = None,
     ) -> jax.Array | tuple[jax.Array, Cache]:
         cfg = self.cfg
         if tokens.ndim != 2:
@@ -413,7 +416,7 @@ class MPT(nn.Module):
             if positions is None:
                 positions = cache_positions[:, None].astype(jnp.int32) + jnp.arange(length, dtype=jnp.int32)
         wte = Embedding(cfg, cfg.vocab_size, ("vocab", "embed"), name="wte")
-        x = wte(tokens)
+        x = wte(tokens) if embeddings is None else embeddings.astype(cfg.dtype)
         if cfg.uses_learned_pos_emb:
             if length > cfg.max_seq_len:
                 raise ValueError(

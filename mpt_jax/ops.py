@@ -7,7 +7,7 @@ matmul; and autodiff of the exact GELU keeps four [tokens, ffn] tensors for the 
 - ``matmul``: ``x @ w`` in the compute dtype with (at least) float32 accumulation, forward and
   backward alike, the result rounded once to the compute dtype; the weight's gradient comes back in
   the weight's own dtype (float32 master weights get float32 gradients, accumulated in float32).
-  The residuals are x and the weight in the compute dtype, as torch autocast keeps them.
+  The residuals are x (in the compute dtype, as torch autocast keeps it) and the weight.
 - ``gelu``: the exact (erf) GELU, evaluated in float32, whose backward needs only its input.
 
 Their outputs are tagged with ``jax.ad_checkpoint.checkpoint_name`` by the model, so that remat
@@ -41,16 +41,21 @@ def _matmul(x: jax.Array, w: jax.Array, dtype: jnp.dtype) -> jax.Array:
 
 
 def _matmul_fwd(x, w, dtype):
-    wc = w.astype(dtype)
-    # A zero-size token: the backward needs w's dtype, which cannot travel as a Python value.
-    return _dot(x, wc, (1, 0)).astype(dtype), (x, wc, jnp.zeros((0,), w.dtype))
+    # The residual is w itself, as the caller holds it (not reshaped, not cast): inside the layer
+    # scan a weight is a slice of the stacked params, which the backward reads again for free,
+    # while any copy of it would be stacked per layer and written every step.
+    return _dot(x, _as_matrix(w, x.shape[1], dtype), (1, 0)).astype(dtype), (x, w)
 
 
 def _matmul_bwd(dtype, residuals, g):
-    x, wc, w_kind = residuals
+    x, w = residuals
     g = g.astype(dtype)
-    dx = _dot(g, wc, (1, 1)).astype(x.dtype)  # [N, M] . [K, M] -> [N, K]
-    return dx, _weight_grad(x, g).astype(w_kind.dtype)
+    dx = _dot(g, _as_matrix(w, x.shape[1], dtype), (1, 1)).astype(x.dtype)  # [N, M] . [K, M] -> [N, K]
+    return dx, _weight_grad(x, g).astype(w.dtype).reshape(w.shape)
+
+
+def _as_matrix(w: jax.Array, rows: int, dtype) -> jax.Array:
+    return w.reshape(rows, -1).astype(dtype)
 
 
 def _weight_grad(x: jax.Array, g: jax.Array) -> jax.Array:
@@ -72,7 +77,9 @@ _matmul.defvjp(_matmul_fwd, _matmul_bwd)
 def matmul(x: jax.Array, w: jax.Array, dtype) -> jax.Array:
     """[N, K] @ [K, M] -> [N, M] in ``dtype``: inputs cast to ``dtype``, products accumulated in
     at least float32 and rounded once; the backward's two products likewise, w's gradient in w's
-    dtype."""
+    dtype. w may be any array of K x M elements whose leading axes make K (a kernel [in..., out...]
+    as the model holds it): it is reshaped to [K, M] inside, so that its residual is the model's
+    own array."""
     dtype = jnp.dtype(dtype)
     return _matmul(x.astype(dtype), w, dtype)
 

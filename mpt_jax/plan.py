@@ -142,7 +142,6 @@ def activation_bytes(
     tensor: int = 1,
     *,
     platform: str = "gpu",
-    saved_weight_bytes: int = 0,
     head_weight_bytes: int = 0,
     layer_transient_bytes: int = 0,
     head_transient_bytes: int = 0,
@@ -153,8 +152,7 @@ def activation_bytes(
     ``rows``: micro-batch rows on this device; ``tensor``: the tensor-parallel degree (heads, MLP
     and vocabulary split over it, the [tokens, d_model] stream replicated); ``platform`` resolves
     ``attn_impl="auto"``. Weight-sized terms come from the sharded params (``estimate`` computes
-    them): ``saved_weight_bytes``, what the ``none`` policy saves of one layer's kernels;
-    ``head_weight_bytes``, the tied table cast to the compute dtype; ``layer_transient_bytes`` /
+    them): ``head_weight_bytes``, the tied table cast to the compute dtype; ``layer_transient_bytes`` /
     ``head_transient_bytes``, one layer's (the table's) gathered weights and unreduced gradients;
     ``head_grad_bytes``, the head table's float32 gradient sum as sharded (default: unsharded).
 
@@ -193,7 +191,7 @@ def activation_bytes(
     # The up (and gate) outputs, what the activation's derivative keeps, the down projection's input:
     # the exact GELU (ops.gelu) keeps only its input, jax's autodiff of silu and the others two more.
     mlp = ((6 if glu else 4) - (2 if cfg.ffn_act_fn == "gelu" else 0)) * c * n * ffn
-    none = norms + linear_in + qkv + attn + mlp + saved_weight_bytes
+    none = norms + linear_in + qkv + attn + mlp
 
     carry = c * n * d  # the residual stream entering the layer
     dots_no_batch = carry + c * n * (q + 2 * kv) + c * n * d + (2 if glu else 1) * c * n * ffn
@@ -292,18 +290,9 @@ def estimate(
     layers = cfg.n_layers
     blocks, blocks_sh = model.params["blocks"], shardings["blocks"]
     wte, wte_sh = model.params["wte"], shardings["wte"]
-    if c != jnp.dtype(cfg.param_dtype).itemsize:
-        # The none policy saves every kernel cast to the compute dtype; so does the tied head.
-        matmuls = ("attn", "ffn")
-        saved_w = _device_bytes({k: blocks[k] for k in matmuls}, {k: blocks_sh[k] for k in matmuls}, cfg.dtype)
-        saved_w //= layers
-        head_w = _device_bytes(wte, wte_sh, cfg.dtype)
-    else:
-        # Without a cast, only the fused attention kernels' 2-D reshapes are new arrays to save.
-        fused = [k for k in blocks["attn"] if k in ("Wqkv", "Wq", "Wkv", "out_proj")]
-        saved_w = _device_bytes({k: blocks["attn"][k] for k in fused}, {k: blocks_sh["attn"][k] for k in fused})
-        saved_w //= layers
-        head_w = 0
+    # The layers' matmuls keep their kernels as the params themselves (no copy to save); the head
+    # casts the tied table to the compute dtype.
+    head_w = _device_bytes(wte, wte_sh, cfg.dtype) if c != jnp.dtype(cfg.param_dtype).itemsize else 0
     # One layer's weight gradients (float32, or train.grad_dtype when narrower) exist whole (split
     # only by tensor) before they are stored or reduce-scattered; sharded kernels are also
     # all-gathered, in the compute dtype. The sharded tied table adds one whole copy (gathered
@@ -321,7 +310,6 @@ def estimate(
         length,
         shape[2],
         platform=platform,
-        saved_weight_bytes=saved_w,
         head_weight_bytes=head_w,
         layer_transient_bytes=layer_transient,
         head_transient_bytes=head_transient,

@@ -43,13 +43,20 @@ def token_losses(logits: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array]
 
 
 def loss_fn(
-    params, batch: Batch, cfg: MPTConfig, *, rng: jax.Array | None = None, train: bool = False
+    params,
+    batch: Batch,
+    cfg: MPTConfig,
+    *,
+    rng: jax.Array | None = None,
+    train: bool = False,
+    embeddings: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """(summed loss, counted tokens) of one (micro-)batch.
 
     Float heads go through ``loss.next_token_loss`` (logits a chunk at a time, the same numbers
     as ``token_losses`` on the whole logits); an int8 head (a quantized model's eval) through the
-    model's logits."""
+    model's logits. ``embeddings``: the tokens' rows of the embedding table, looked up by the
+    caller (``loss_and_grads``)."""
     head = params["wte"] if cfg.tie_word_embeddings else params.get("lm_head", {})
     weight = head.get("embedding" if cfg.tie_word_embeddings else "kernel")
     fused = weight is not None and jnp.issubdtype(weight.dtype, jnp.floating)
@@ -61,10 +68,39 @@ def loss_fn(
         deterministic=not train,
         rngs={"dropout": rng} if (train and rng is not None) else {},
         head=not fused,
+        embeddings=embeddings,
     )
     if fused:
         return next_token_loss(out, weight, batch["tokens"], batch["loss_mask"], cfg, tied=cfg.tie_word_embeddings)
     return token_losses(out, batch)
+
+
+def loss_and_grads(
+    params, batch: Batch, cfg: MPTConfig, rng: jax.Array, scale: jax.Array
+) -> tuple[tuple[jax.Array, jax.Array], Any]:
+    """((summed loss, counted tokens), gradients of ``scale`` x the summed loss) of one training
+    micro-batch.
+
+    ``scale`` (1 / the global batch's token count, known before the forward pass) enters as the
+    loss's cotangent, so the gradients come out already divided: no pass over them afterwards and
+    no second copy of the largest. The token embeddings are looked up outside the differentiated
+    function and their gradient is scattered into the table's gradient afterwards: with a tied
+    head that gradient already holds the head's [vocab, d_model] product, and the scatter adds
+    into it in place (autodiff of the lookup kept the lookup's gradient and the sum beside it,
+    148 MiB each at 125m)."""
+    table = params["wte"]["embedding"]
+    tokens = batch["tokens"]
+    embeddings = jnp.take(table, tokens, axis=0)
+
+    def loss(p, e):
+        loss_sum, count = loss_fn(p, batch, cfg, rng=rng, train=True, embeddings=e)
+        return loss_sum * scale, (loss_sum, count)
+
+    (_, value), (grads, d_embeddings) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(params, embeddings)
+    rows = d_embeddings.reshape(-1, table.shape[-1]).astype(table.dtype)
+    d_table = grads["wte"]["embedding"].at[tokens.reshape(-1)].add(rows)
+    grads = {**grads, "wte": {**grads["wte"], "embedding": d_table}}
+    return value, grads
 
 
 def train_step(
@@ -83,9 +119,10 @@ def train_step(
     micro-batches. ``"float32"`` (the default): the gradients of the params as they are, summed in
     float32. ``"bfloat16"`` (FSDP's PURE mixed precision): the loss is differentiated at the params
     cast to bfloat16, so each micro-batch's gradients and their running sum are bfloat16, half the
-    bytes of float32 each (beside a bfloat16 copy of the params). Either way the sum is divided by
-    the token count in float32 and the optimizer gets float32 gradients (for float32 params): the
-    clipping norm and the update of the float32 masters are float32.
+    bytes of float32 each (beside a bfloat16 copy of the params). Either way the gradients are of the
+    loss already divided by the global batch's token count (``loss_and_grads``), and the optimizer
+    gets float32 gradients (for float32 params): the clipping norm and the update of the float32
+    masters are float32.
     """
     if grad_dtype not in GRAD_DTYPES:
         raise ValueError(f"train_step: grad_dtype={grad_dtype!r}; expected one of {', '.join(GRAD_DTYPES)}")
@@ -97,7 +134,12 @@ def train_step(
     # Micro-batch i takes rows i, i+k, i+2k, ...: with rows sharded over devices, every micro-batch
     # is spread over all of them.
     micro = jax.tree.map(lambda x: x.reshape(rows // micro_batches, micro_batches, *x.shape[1:]).swapaxes(0, 1), batch)
-    grad_fn = jax.value_and_grad(lambda p, b, r: loss_fn(p, b, cfg, rng=r, train=True), has_aux=True)
+    # The loss's denominator, known before the forward pass: the gradients come out divided by it.
+    denom = jnp.maximum(jnp.sum(batch["loss_mask"][:, 1:]).astype(jnp.float32), 1.0)
+
+    def grad_fn(p, b, r):
+        return loss_and_grads(p, b, cfg, r, 1.0 / denom)
+
     sum_dtype = jnp.dtype(grad_dtype)
     if sum_dtype == jnp.float32:
         at = params  # float32 (or bfloat16) params: their own gradients, summed in float32
@@ -118,8 +160,7 @@ def train_step(
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, sum_dtype), params)
         init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
         (grads, loss_sum, count), _ = jax.lax.scan(accumulate, init, (jnp.arange(micro_batches), micro))
-    denom = jnp.maximum(count, 1.0)
-    grads = jax.tree.map(lambda g, p: (g.astype(jnp.float32) / denom).astype(p.dtype), grads, params)
+    grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, params)
     updates, opt_state = optimizer.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)
     loss = loss_sum / denom

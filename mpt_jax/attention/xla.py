@@ -131,7 +131,7 @@ def attend_xla(
         kv_positions=kv_positions,
         mask=mask,
     )
-    make_bias = functools.partial(attention_bias, q_len, kv_len, causal=causal, sliding_window=sliding_window)
+    make_bias = functools.partial(attention_bias, causal=causal, sliding_window=sliding_window)
     # Heads first, then each kv head's query heads as extra query rows ([B, Hkv, group * S, D]):
     # both products are plain batched matmuls (on a CPU several times faster than contracting in
     # the [B, S, H, D] layout). Head h reads kv head h // group.
@@ -141,10 +141,14 @@ def attend_xla(
     if dropout_rate > 0.0:
         if dropout_rng is None:
             raise ValueError("attend: dropout_rate > 0 needs a dropout_rng")
-        bias = make_bias(**bias_inputs)
+        bias = make_bias(q_len, kv_len, **bias_inputs)
         out = _attention_with_dropout(q, k, v, bias, softmax_scale, logit_softcap, dropout_rate, dropout_rng)
     else:
-        out = _attention(q, k, v, bias_inputs, softmax_scale, logit_softcap, make_bias)
+        # Causal attention with the default positions never looks past the query's own position:
+        # a block of queries stops at its last query's key.
+        cut = causal and q_positions is None and kv_positions is None
+        blocks = query_blocks(q_len, kv_len, cut)
+        out = _attention(q, k, v, bias_inputs, softmax_scale, logit_softcap, make_bias, blocks)
     return out.reshape(batch, n_heads, q_len, head_dim).transpose(0, 2, 1, 3)
 
 
@@ -177,42 +181,119 @@ def _logits(q, k, bias, scale, softcap):
     return s, tanh
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _attention(q, k, v, bias_inputs, scale, softcap, make_bias):
-    """softmax(logits) @ v in the [B, Hkv, G*S, D] layout, in v's dtype; a flash-style backward
-    that recomputes the probabilities from q, k and the log-sum-exp instead of keeping [S, T]
-    tensors (the bias too is rebuilt from its small inputs)."""
-    return _attention_fwd(q, k, v, bias_inputs, scale, softcap, make_bias)[0]
+# Queries per block of the blocked attention below: the float32 scores of a block are
+# [batch, heads, QUERY_BLOCK, keys], a quarter of the whole at 512 tokens.
+QUERY_BLOCK = 128
+MAX_QUERY_BLOCKS = 16
 
 
-def _attention_fwd(q, k, v, bias_inputs, scale, softcap, make_bias):
-    s, _ = _logits(q, k, make_bias(**bias_inputs), scale, softcap)
-    m = jnp.max(s, axis=-1, keepdims=True)
-    p = jnp.exp(s - m)
-    total = jnp.sum(p, axis=-1, keepdims=True)
-    lse = checkpoint_name((m + jnp.log(total))[..., 0], LSE_NAME)
-    probs = (p / total).astype(v.dtype)
-    out = jnp.einsum("bkqt,bktd->bkqd", probs, v, preferred_element_type=jnp.float32).astype(v.dtype)
-    out = checkpoint_name(out, OUT_NAME)
+def query_blocks(q_len: int, kv_len: int, causal_cut: bool) -> tuple[tuple[int, int, int], ...]:
+    """(first query, end query, end key) of each block of queries: at most MAX_QUERY_BLOCKS blocks of
+    about QUERY_BLOCK queries. With ``causal_cut`` (queries aligned to the end of the keys, keys
+    at their own index) a block's keys end after its last query's position; else all keys."""
+    n = max(1, min(MAX_QUERY_BLOCKS, q_len // QUERY_BLOCK))
+    edges = [round(i * q_len / n) for i in range(n + 1)]
+    offset = kv_len - q_len
+    return tuple(
+        (s0, s1, min(kv_len, s1 + offset) if causal_cut else kv_len)
+        for s0, s1 in zip(edges[:-1], edges[1:], strict=True)
+    )
+
+
+def _block_bias(make_bias, bias_inputs, q_len, kv_len, block):
+    """The bias [B or 1, H or 1, s1 - s0, kend] of one block: its queries at their positions (the
+    default ones made explicit), the first kend keys."""
+    s0, s1, kend = block
+    inputs = dict(bias_inputs)
+    q_positions = inputs["q_positions"]
+    if q_positions is None:
+        inputs["q_positions"] = (jnp.arange(s0, s1, dtype=jnp.int32) + (kv_len - q_len))[None]
+    else:
+        inputs["q_positions"] = q_positions[:, s0:s1]
+    if inputs["q_segment_ids"] is not None:
+        inputs["q_segment_ids"] = inputs["q_segment_ids"][:, s0:s1]
+    for name in ("kv_segment_ids", "kv_positions"):
+        if inputs[name] is not None:
+            inputs[name] = inputs[name][:, :kend]
+    if inputs["mask"] is not None:
+        inputs["mask"] = inputs["mask"][:, s0:s1, :kend]
+    return make_bias(s1 - s0, kend, **inputs)
+
+
+def _rows(x: jax.Array, q_len: int, s0: int, s1: int) -> jax.Array:
+    """Queries s0..s1 of every group of x [B, Hkv, G*S, ...] -> [B, Hkv, G*(s1 - s0), ...]."""
+    if s0 == 0 and s1 == q_len:
+        return x
+    b, h, rows = x.shape[:3]
+    grouped = x.reshape(b, h, rows // q_len, q_len, *x.shape[3:])[:, :, :, s0:s1]
+    return grouped.reshape(b, h, -1, *x.shape[3:])
+
+
+def _join(parts: list[jax.Array], q_len: int) -> jax.Array:
+    """Blocks [B, Hkv, G*bq_i, ...] back to [B, Hkv, G*S, ...] (the inverse of ``_rows``)."""
+    if len(parts) == 1:
+        return parts[0]
+    b, h = parts[0].shape[:2]
+    tail = parts[0].shape[3:]
+    group = sum(p.shape[2] for p in parts) // q_len
+    grouped = [p.reshape(b, h, group, p.shape[2] // group, *tail) for p in parts]
+    return jnp.concatenate(grouped, axis=3).reshape(b, h, group * q_len, *tail)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _attention(q, k, v, bias_inputs, scale, softcap, make_bias, blocks):
+    """softmax(logits) @ v in the [B, Hkv, G*S, D] layout, in v's dtype, one block of queries at a
+    time (``query_blocks``); a flash-style backward that recomputes each block's probabilities
+    from q, k and the log-sum-exp instead of keeping [S, T] tensors (the bias too is rebuilt from
+    its small inputs)."""
+    return _attention_fwd(q, k, v, bias_inputs, scale, softcap, make_bias, blocks)[0]
+
+
+def _attention_fwd(q, k, v, bias_inputs, scale, softcap, make_bias, blocks):
+    q_len, kv_len = blocks[-1][1], k.shape[2]
+    outs, lses = [], []
+    for block in blocks:
+        s0, s1, kend = block
+        bias = _block_bias(make_bias, bias_inputs, q_len, kv_len, block)
+        s, _ = _logits(_rows(q, q_len, s0, s1), k[:, :, :kend], bias, scale, softcap)
+        m = jnp.max(s, axis=-1, keepdims=True)
+        p = jnp.exp(s - m)
+        total = jnp.sum(p, axis=-1, keepdims=True)
+        lses.append((m + jnp.log(total))[..., 0])
+        probs = (p / total).astype(v.dtype)
+        out = jnp.einsum("bkqt,bktd->bkqd", probs, v[:, :, :kend], preferred_element_type=jnp.float32)
+        outs.append(out.astype(v.dtype))
+    lse = checkpoint_name(_join(lses, q_len), LSE_NAME)
+    out = checkpoint_name(_join(outs, q_len), OUT_NAME)
     return out, (q, k, v, bias_inputs, out, lse)
 
 
-def _attention_bwd(scale, softcap, make_bias, residuals, g):
+def _attention_bwd(scale, softcap, make_bias, blocks, residuals, g):
     q, k, v, bias_inputs, out, lse = residuals
     acc = jnp.promote_types(v.dtype, jnp.float32)
-    s, tanh = _logits(q, k, make_bias(**bias_inputs), scale, softcap)
-    p = jnp.exp(s - lse[..., None])
+    q_len, kv_len = blocks[-1][1], k.shape[2]
     g = g.astype(v.dtype)
-    dv = jnp.einsum("bkqt,bkqd->bktd", p.astype(v.dtype), g, preferred_element_type=acc).astype(v.dtype)
-    dp = jnp.einsum("bkqd,bktd->bkqt", g, v, preferred_element_type=acc)
-    delta = jnp.sum(g.astype(acc) * out.astype(acc), axis=-1, keepdims=True)
-    ds = p * (dp - delta)
-    if tanh is not None:
-        ds = ds * (1.0 - tanh * tanh)
-    ds = (ds * scale).astype(q.dtype)
-    dq = jnp.einsum("bkqt,bktd->bkqd", ds, k, preferred_element_type=acc).astype(q.dtype)
-    dk = jnp.einsum("bkqt,bkqd->bktd", ds, q, preferred_element_type=acc).astype(k.dtype)
-    return dq, dk, dv, jax.tree.map(lambda _: None, bias_inputs)
+    dqs = []
+    dk = jnp.zeros(k.shape, acc)
+    dv = jnp.zeros(v.shape, acc)
+    for block in blocks:
+        s0, s1, kend = block
+        qb, gb = _rows(q, q_len, s0, s1), _rows(g, q_len, s0, s1)
+        kb, vb = k[:, :, :kend], v[:, :, :kend]
+        bias = _block_bias(make_bias, bias_inputs, q_len, kv_len, block)
+        s, tanh = _logits(qb, kb, bias, scale, softcap)
+        p = jnp.exp(s - _rows(lse, q_len, s0, s1)[..., None])
+        dv = dv.at[:, :, :kend].add(jnp.einsum("bkqt,bkqd->bktd", p.astype(v.dtype), gb, preferred_element_type=acc))
+        dp = jnp.einsum("bkqd,bktd->bkqt", gb, vb, preferred_element_type=acc)
+        delta = jnp.sum(gb.astype(acc) * _rows(out, q_len, s0, s1).astype(acc), axis=-1, keepdims=True)
+        ds = p * (dp - delta)
+        if tanh is not None:
+            ds = ds * (1.0 - tanh * tanh)
+        ds = (ds * scale).astype(q.dtype)
+        dqs.append(jnp.einsum("bkqt,bktd->bkqd", ds, kb, preferred_element_type=acc).astype(q.dtype))
+        dk = dk.at[:, :, :kend].add(jnp.einsum("bkqt,bkqd->bktd", ds, qb, preferred_element_type=acc))
+    dq = _join(dqs, q_len)
+    return dq, dk.astype(k.dtype), dv.astype(v.dtype), jax.tree.map(lambda _: None, bias_inputs)
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
