@@ -20,18 +20,14 @@ plans 72.3 GiB per device and compiles (XLA, 8 CPU devices) to a 68.0 GiB peak; 
 
 import ml_collections
 
-from mpt_jax.config import MPTConfig
+from mpt_jax.config import RELEASED_SHAPES, MPTConfig
 from mpt_jax.run_config import base_config, pretraining_recipe
 
 
 def get_config() -> ml_collections.ConfigDict:
     config = base_config()
     config.model = MPTConfig(
-        d_model=7168,
-        n_heads=64,
-        n_layers=48,
-        max_seq_len=8192,
-        vocab_size=50432,
+        **RELEASED_SHAPES["mpt-30b"],
         dtype="bfloat16",
         remat_policy="full",
     ).to_config_dict()

@@ -19,7 +19,7 @@ compiles (XLA, 8 CPU devices) to a 68.0 GiB peak (docs/sharding.md, "MPT-30B on 
 
 import ml_collections
 
-from mpt_jax.config import MPTConfig
+from mpt_jax.config import RELEASED_SHAPES, MPTConfig
 from mpt_jax.data.formats import MPT_30B_CHAT_SYSTEM_PROMPT
 from mpt_jax.run_config import base_config, finetuning_recipe, one_node_pure_bf16
 
@@ -27,11 +27,7 @@ from mpt_jax.run_config import base_config, finetuning_recipe, one_node_pure_bf1
 def get_config() -> ml_collections.ConfigDict:
     config = base_config()
     config.model = MPTConfig(
-        d_model=7168,
-        n_heads=64,
-        n_layers=48,
-        max_seq_len=8192,
-        vocab_size=50432,
+        **RELEASED_SHAPES["mpt-30b"],
         dtype="bfloat16",
         remat_policy="full",
         attn_impl="auto",  # the flash kernel on GPUs (llm-foundry: triton): no [64, 8192, 8192] scores

@@ -21,18 +21,14 @@ for more devices) it plans 88.6 GiB and does not fit.
 
 import ml_collections
 
-from mpt_jax.config import MPTConfig
+from mpt_jax.config import RELEASED_SHAPES, MPTConfig
 from mpt_jax.run_config import base_config, finetuning_recipe, one_node_pure_bf16
 
 
 def get_config() -> ml_collections.ConfigDict:
     config = base_config()
     config.model = MPTConfig(
-        d_model=7168,
-        n_heads=64,
-        n_layers=48,
-        max_seq_len=8192,
-        vocab_size=50432,
+        **RELEASED_SHAPES["mpt-30b"],
         dtype="bfloat16",
         remat_policy="full",
         attn_impl="auto",  # the flash kernel on GPUs (llm-foundry: triton): no [64, 8192, 8192] scores

@@ -10,7 +10,7 @@ lr 1.2e-4, betas (0.9, 0.95), cosine with 100 warmup steps to 0.1x, clipping 1.0
 
 import ml_collections
 
-from mpt_jax.config import MPTConfig
+from mpt_jax.config import RELEASED_SHAPES, MPTConfig
 from mpt_jax.run_config import base_config, pretraining_recipe
 
 # MPT-7B's pretraining data mix (model card): each row of a batch is packed from one source, the
@@ -39,11 +39,7 @@ MPT_7B_MIX = (
 def get_config() -> ml_collections.ConfigDict:
     config = base_config()
     config.model = MPTConfig(
-        d_model=4096,
-        n_heads=32,
-        n_layers=32,
-        max_seq_len=2048,
-        vocab_size=50432,
+        **RELEASED_SHAPES["mpt-7b"],
         dtype="bfloat16",
         remat_policy="full",
     ).to_config_dict()

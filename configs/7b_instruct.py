@@ -12,15 +12,13 @@ after 50 warmup steps, clipping 1.0, global batch 48, 2 epochs (about 2,500 step
 
 import ml_collections
 
-from mpt_jax.config import MPTConfig
+from mpt_jax.config import RELEASED_SHAPES, MPTConfig
 from mpt_jax.run_config import base_config, finetuning_recipe
 
 
 def get_config() -> ml_collections.ConfigDict:
     config = base_config()
-    config.model = MPTConfig(
-        d_model=4096, n_heads=32, n_layers=32, max_seq_len=2048, vocab_size=50432, dtype="bfloat16", remat_policy="full"
-    ).to_config_dict()
+    config.model = MPTConfig(**RELEASED_SHAPES["mpt-7b"], dtype="bfloat16", remat_policy="full").to_config_dict()
     config.data.format = "instruction"
     config.data.template = "mpt-7b-instruct"
     return finetuning_recipe(

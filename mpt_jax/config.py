@@ -71,6 +71,11 @@ EXECUTION_FIELDS = ("dtype", "param_dtype", "remat_policy", "attn_impl")
 DTYPES = ("float32", "bfloat16", "float16")
 # train.grad_dtype: the gradients and their sum over micro-batches (steps.train_step).
 GRAD_DTYPES = ("float32", "bfloat16")
+# The released models' shapes (their config.json), for configs/: the other fields are the defaults.
+RELEASED_SHAPES = {
+    "mpt-7b": dict(d_model=4096, n_heads=32, n_layers=32, max_seq_len=2048, vocab_size=50432),
+    "mpt-30b": dict(d_model=7168, n_heads=64, n_layers=48, max_seq_len=8192, vocab_size=50432),
+}
 
 
 @dataclasses.dataclass(frozen=True)

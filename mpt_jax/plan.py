@@ -229,8 +229,7 @@ def _rows_per_device(config, mesh_shape) -> tuple[int, int]:
 
 
 def _grad_dtype(config) -> jnp.dtype:
-    """``config.train.grad_dtype`` (float32 when a config predates the key)."""
-    return jnp.dtype(config.train.get("grad_dtype", "float32"))
+    return jnp.dtype(run_config.grad_dtype_of(config))
 
 
 def _layer_grad_dtype(grad_dtype: jnp.dtype) -> jnp.dtype:

@@ -74,6 +74,11 @@ def seq_len(config: ml_collections.ConfigDict) -> int:
     return int(config.train.seq_len or config.model.max_seq_len)
 
 
+def grad_dtype_of(config: ml_collections.ConfigDict) -> str:
+    """``config.train.grad_dtype``; float32 for a config written before the key existed."""
+    return str(config.train.get("grad_dtype", "float32"))
+
+
 def mesh_shape(config: ml_collections.ConfigDict, n_devices: int) -> tuple[int, int, int]:
     """(data, fsdp, tensor) with a -1 filled from the device count; errors name the numbers."""
     sizes = [int(config.mesh.data), int(config.mesh.fsdp), int(config.mesh.tensor)]
@@ -114,8 +119,7 @@ def problems(config: ml_collections.ConfigDict, n_devices: int, process_count: i
     if t.max_steps < 1:
         out.append(f"config.train.max_steps={t.max_steps}: must be positive")
     out += _batch_problems(t, data, fsdp, process_count)
-    grad_dtype = t.get("grad_dtype", "float32")
-    if grad_dtype not in GRAD_DTYPES:
+    if (grad_dtype := grad_dtype_of(config)) not in GRAD_DTYPES:
         out.append(f"config.train.grad_dtype={grad_dtype!r}: expected one of {', '.join(GRAD_DTYPES)}")
     if cfg.n_heads % tensor:
         out.append(f"config.model.n_heads={cfg.n_heads} is not divisible by config.mesh.tensor={tensor}")

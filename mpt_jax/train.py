@@ -341,7 +341,7 @@ class Trainer:
                 optimizer=self.optimizer,
                 schedule=self.schedule,
                 micro_batches=self.micro_batches,
-                grad_dtype=t.get("grad_dtype", "float32"),
+                grad_dtype=run_config.grad_dtype_of(config),
             ),
             in_shardings=(self.state_shardings, self.batch_sharding),
             out_shardings=(self.state_shardings, self.replicated),

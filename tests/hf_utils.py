@@ -57,3 +57,19 @@ def write_bin_checkpoint(folder: str, config: dict, state: dict[str, torch.Tenso
         weight_map.update(dict.fromkeys(part, name))
     with open(os.path.join(folder, "pytorch_model.bin.index.json"), "w") as f:
         json.dump({"metadata": {}, "weight_map": weight_map}, f)
+
+
+def saved_hf_model(folder, seed: int = 0, **config) -> MptForCausalLM:
+    """``random_hf_model`` written to ``folder`` by ``save_pretrained``: a checkpoint as users get it."""
+    model = random_hf_model(seed, **config)
+    model.save_pretrained(folder)
+    return model
+
+
+def hf_and_loaded(folder, seed: int = 0, **config):
+    """(the transformers model, and our (cfg, params) loaded from its saved folder by ``load_hf``
+    in float32): the pair every parity test compares."""
+    from mpt_jax.hf import load_hf
+
+    model = saved_hf_model(folder, seed, **config)
+    return model, *load_hf(folder, dtype="float32")

@@ -14,7 +14,7 @@ import sys
 
 import numpy as np
 import pytest
-from hf_utils import hf_logits, random_hf_model, safetensors_dict
+from hf_utils import hf_logits, random_hf_model, safetensors_dict, saved_hf_model
 from workdir_utils import make_workdir, train_tiny
 
 from mpt_jax import MPT, MPTConfig, checkpoint
@@ -170,7 +170,7 @@ def test_a_failure_while_writing_the_tokenizer_leaves_dst_absent_or_as_it_was(tm
 
     # hf_to_jax: the tokenizer copy fails after the params are written.
     src = tmp_path / "src"
-    random_hf_model(seed=0, d_model=32, n_heads=4, n_layers=2, max_seq_len=16, vocab_size=50).save_pretrained(src)
+    saved_hf_model(src, seed=0, d_model=32, n_heads=4, n_layers=2, max_seq_len=16, vocab_size=50)
     (src / "tokenizer.json").write_text('{"version": "1.0"}')
     (src / "tokenizer_config.json").write_text("{}")
     copies = []
@@ -200,9 +200,7 @@ def _convert(*args) -> subprocess.CompletedProcess:
 
 def test_cli_logs_only_its_own_lines(tmp_path, tokenizer_file):
     make_workdir(tmp_path / "run", CFG, tokenizer_file, at=(1,))
-    random_hf_model(seed=0, d_model=32, n_heads=4, n_layers=2, max_seq_len=16, vocab_size=50).save_pretrained(
-        tmp_path / "src"
-    )
+    saved_hf_model(tmp_path / "src", seed=0, d_model=32, n_heads=4, n_layers=2, max_seq_len=16, vocab_size=50)
     for args in (
         ("hf_to_jax", str(tmp_path / "src"), str(tmp_path / "jax")),
         ("jax_to_hf", str(tmp_path / "run"), str(tmp_path / "hf")),

@@ -14,12 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.special
-from hf_utils import random_hf_model
+from hf_utils import hf_and_loaded
 from test_model_reference import GQA, LEARNED_POS, MQA, make_cfg, random_params, random_tokens
 
 from mpt_jax import MPT
 from mpt_jax.generate import Generator, bucket
-from mpt_jax.hf import load_hf
 from mpt_jax.model import init_cache, unstack_layers
 from mpt_jax.sampling import SamplingParams
 
@@ -106,9 +105,7 @@ def test_greedy_equals_transformers_generate(name, tmp_path):
     each continuation equals transformers' MptForCausalLM.generate(do_sample=False) token for token."""
     import torch
 
-    hf = random_hf_model(seed=5, **HF_CONFIGS[name])
-    hf.save_pretrained(tmp_path)
-    cfg, params = load_hf(tmp_path, dtype="float32")
+    hf, cfg, params = hf_and_loaded(tmp_path, seed=5, **HF_CONFIGS[name])
     rng = np.random.default_rng(6)
     prompts = [rng.integers(0, cfg.vocab_size, n).tolist() for n in (1, 5, 9, 2, 7)]
     new = 12

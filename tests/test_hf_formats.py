@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 import torch
-from hf_utils import random_hf_model, safetensors_dict, write_bin_checkpoint
+from hf_utils import random_hf_model, safetensors_dict, saved_hf_model, write_bin_checkpoint
 from transformers import MptForCausalLM
 
 import mpt_jax.hf
@@ -190,7 +190,7 @@ def test_sharded_output_loads_in_transformers(tmp_path):
 
 def _hf_folder(tmp_path) -> str:
     folder = tmp_path / "src"
-    random_hf_model(seed=3, **SMALL).save_pretrained(folder)
+    saved_hf_model(folder, seed=3, **SMALL)
     return str(folder)
 
 

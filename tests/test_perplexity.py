@@ -11,13 +11,12 @@ import sys
 import numpy as np
 import pytest
 import torch
-from hf_utils import random_hf_model
+from hf_utils import hf_and_loaded
 
 from mpt_jax.data.sources import encode_record, write_records
 from mpt_jax.data.tokenizer import train_bpe
 from mpt_jax.eval.perplexity import perplexity, source_documents
 from mpt_jax.eval.scoring import Scorer, rolling_windows
-from mpt_jax.hf import load_hf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HF_CONFIG = dict(d_model=64, n_heads=4, n_layers=2, max_seq_len=16, vocab_size=300, attn_config={"alibi": True})
@@ -26,10 +25,8 @@ TEXTS = [f"def f{i}(x):\n    return x * {i} + {i * i}\n" for i in range(40)]
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    hf = random_hf_model(seed=4, **HF_CONFIG)
     folder = tmp_path_factory.mktemp("hf")
-    hf.save_pretrained(folder)
-    cfg, params = load_hf(folder, dtype="float32")
+    hf, cfg, params = hf_and_loaded(folder, seed=4, **HF_CONFIG)
     return hf, cfg, params, str(folder)
 
 

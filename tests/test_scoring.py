@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from hf_utils import random_hf_model
+from hf_utils import hf_and_loaded
 
 from mpt_jax.eval.scoring import (
     Scorer,
@@ -20,17 +20,13 @@ from mpt_jax.eval.scoring import (
     tree_mask,
     trees,
 )
-from mpt_jax.hf import load_hf
 
 HF_CONFIG = dict(d_model=64, n_heads=4, n_layers=2, max_seq_len=32, vocab_size=96, attn_config={"alibi": True})
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    hf = random_hf_model(seed=3, **HF_CONFIG)
-    folder = tmp_path_factory.mktemp("hf")
-    hf.save_pretrained(folder)
-    cfg, params = load_hf(folder, dtype="float32")
+    hf, cfg, params = hf_and_loaded(tmp_path_factory.mktemp("hf"), seed=3, **HF_CONFIG)
     return hf, cfg, jax.tree.map(jnp.asarray, params)
 
 

@@ -446,7 +446,7 @@ def _chat_file(path):
 
 
 def test_tiny_chat_finetunes_from_workdir_hf_and_converted(straight, stdlib_data_dir, tmp_path):
-    from hf_utils import random_hf_model
+    from hf_utils import saved_hf_model
 
     chat = tmp_path / "chat.jsonl"
     _chat_file(chat)
@@ -471,7 +471,7 @@ def test_tiny_chat_finetunes_from_workdir_hf_and_converted(straight, stdlib_data
 
     from_workdir = finetune(straight, "ft_workdir")
     hf_dir = str(tmp_path / "hf")
-    random_hf_model(seed=0, d_model=64, n_heads=2, n_layers=2, max_seq_len=256, vocab_size=8256).save_pretrained(hf_dir)
+    saved_hf_model(hf_dir, seed=0, d_model=64, n_heads=2, n_layers=2, max_seq_len=256, vocab_size=8256)
     converted = str(tmp_path / "converted")
     assert (
         subprocess.run([sys.executable, "-m", "mpt_jax.convert", "hf_to_jax", hf_dir, converted], cwd=ROOT).returncode
@@ -483,9 +483,7 @@ def test_tiny_chat_finetunes_from_workdir_hf_and_converted(straight, stdlib_data
     assert all(np.isfinite(v) for v in from_workdir.values())
 
     small_vocab = str(tmp_path / "hf_small")
-    random_hf_model(seed=0, d_model=64, n_heads=2, n_layers=2, max_seq_len=256, vocab_size=100).save_pretrained(
-        small_vocab
-    )
+    saved_hf_model(small_vocab, seed=0, d_model=64, n_heads=2, n_layers=2, max_seq_len=256, vocab_size=100)
     bad = run(
         train_cmd(
             str(tmp_path / "bad"),
