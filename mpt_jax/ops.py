@@ -22,6 +22,24 @@ import math
 import jax
 import jax.numpy as jnp
 
+# 16-bit floats kept for the backward travel as their bits. Inside the layer scan every residual is
+# written into (and later read from) a [layers, ...] stack; XLA:CPU updates and slices a bfloat16
+# stack by converting all of it to float32 and back, once per layer (and hoists a float32 copy of
+# the whole stack out of the backward loop), while a uint16 stack is updated in place. A bitcast
+# costs nothing on any backend.
+_BITS = {jnp.dtype(jnp.bfloat16): jnp.uint16, jnp.dtype(jnp.float16): jnp.uint16}
+
+
+def to_bits(x: jax.Array) -> jax.Array:
+    """x as stored between the forward and the backward pass: 16-bit floats as uint16 bits."""
+    bits = _BITS.get(jnp.dtype(x.dtype))
+    return x if bits is None else jax.lax.bitcast_convert_type(x, bits)
+
+
+def from_bits(x: jax.Array, dtype) -> jax.Array:
+    """The inverse of ``to_bits`` for an array that was of ``dtype``."""
+    return x if x.dtype == jnp.dtype(dtype) else jax.lax.bitcast_convert_type(x, dtype)
+
 
 def accumulation_dtype(dtype) -> jnp.dtype:
     """float32 for bfloat16/float16/float32 inputs; float64 stays float64."""
@@ -44,11 +62,12 @@ def _matmul_fwd(x, w, dtype):
     # The residual is w itself, as the caller holds it (not reshaped, not cast): inside the layer
     # scan a weight is a slice of the stacked params, which the backward reads again for free,
     # while any copy of it would be stacked per layer and written every step.
-    return _dot(x, _as_matrix(w, x.shape[1], dtype), (1, 0)).astype(dtype), (x, w)
+    return _dot(x, _as_matrix(w, x.shape[1], dtype), (1, 0)).astype(dtype), (to_bits(x), w)
 
 
 def _matmul_bwd(dtype, residuals, g):
     x, w = residuals
+    x = from_bits(x, dtype)
     g = g.astype(dtype)
     dx = _dot(g, _as_matrix(w, x.shape[1], dtype), (1, 1)).astype(x.dtype)  # [N, M] . [K, M] -> [N, K]
     return dx, _weight_grad(x, g).astype(w.dtype).reshape(w.shape)
@@ -96,10 +115,11 @@ def gelu(x: jax.Array) -> jax.Array:
 
 
 def _gelu_fwd(x):
-    return gelu(x), x
+    return gelu(x), to_bits(x)
 
 
 def _gelu_bwd(x, g):
+    x = from_bits(x, g.dtype)
     y = x.astype(accumulation_dtype(x.dtype))
     cdf = 0.5 * (1.0 + jax.lax.erf(y * _SQRT_HALF))
     pdf = jnp.exp(-0.5 * y * y) * _INV_SQRT_2PI
@@ -130,11 +150,12 @@ def _norm_fwd(x, scale, bias, axes, eps, rms, dtype):
     y = (xf - mean) * rstd * scale.astype(xf.dtype)
     if bias is not None:
         y = y + bias.astype(xf.dtype)
-    return y.astype(dtype), (x, mean, rstd, scale, bias)
+    return y.astype(dtype), (to_bits(x), jnp.zeros((0,), x.dtype), mean, rstd, scale, bias)
 
 
 def _norm_bwd(axes, eps, rms, dtype, residuals, g):
-    x, mean, rstd, scale, bias = residuals
+    x, x_kind, mean, rstd, scale, bias = residuals
+    x = from_bits(x, x_kind.dtype)
     xf = x.astype(accumulation_dtype(x.dtype))
     reduce = tuple(range(xf.ndim - axes, xf.ndim))
     rows = tuple(range(xf.ndim - axes))

@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from mpt_jax import ops
+
 # A large finite negative: exp() underflows to exactly 0, and a fully masked row stays finite.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
@@ -265,11 +267,13 @@ def _attention_fwd(q, k, v, bias_inputs, scale, softcap, make_bias, blocks):
         outs.append(out.astype(v.dtype))
     lse = checkpoint_name(_join(lses, q_len), LSE_NAME)
     out = checkpoint_name(_join(outs, q_len), OUT_NAME)
-    return out, (q, k, v, bias_inputs, out, lse)
+    kinds = tuple(jnp.zeros((0,), x.dtype) for x in (q, k, v))
+    return out, (*map(ops.to_bits, (q, k, v, out)), kinds, bias_inputs, lse)
 
 
 def _attention_bwd(scale, softcap, make_bias, blocks, residuals, g):
-    q, k, v, bias_inputs, out, lse = residuals
+    *bits, kinds, bias_inputs, lse = residuals
+    q, k, v, out = (ops.from_bits(x, kind.dtype) for x, kind in zip(bits, (*kinds, kinds[2]), strict=True))
     acc = jnp.promote_types(v.dtype, jnp.float32)
     q_len, kv_len = blocks[-1][1], k.shape[2]
     g = g.astype(v.dtype)
