@@ -3,6 +3,7 @@
     python benchmarks/train_throughput.py --dtype=float32 [--model=125m] [--batch=4] [--seq_len=512]
     python benchmarks/train_throughput.py --dtype=bfloat16
     python benchmarks/train_throughput.py --remat_table [--dtype=float32]
+    python benchmarks/train_throughput.py --gemm [--dtype=bfloat16]
 
 Each side runs full optimizer steps (forward, backward, gradient clipping, AdamW) on the same random
 batch in a process of its own, so that each one's peak resident memory (``ru_maxrss``: the
@@ -15,11 +16,17 @@ there. MFU is against this CPU's matmul ceiling at that precision, measured in t
 
 ``--remat_table`` runs only mpt-jax, once per remat policy, and reports each one's step time and
 peak memory against the no-remat step.
+
+``--gemm`` times the step's own matrix products ([tokens, in] x [in, out] of the four linear layers
+and the head's chunk of logits) as one torch.mm and as one jitted XLA dot at ``--dtype``
+(bfloat16 inputs, float32 accumulation on both sides), alternating, in one process: the ceiling
+each framework's matmul library puts on the step.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -157,6 +164,50 @@ def matmul_ceiling(dtype: str, n: int = 2048, repeats: int = 10) -> float:
     return 2 * n**3 * repeats / (time.perf_counter() - start)
 
 
+def gemm_table(args) -> None:
+    """GFLOP/s of torch.mm and of a jitted XLA dot on the step's shapes, alternating."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    from mpt_jax.loss import chunk_length
+
+    shape = SHAPES[args.model]
+    d, v, n = shape["d_model"], shape["vocab_size"], args.batch * args.seq_len
+    rows = args.batch * chunk_length(args.batch, args.seq_len - 1, v)
+    products = {
+        "Wqkv": (n, d, 3 * d),
+        "out_proj": (n, d, d),
+        "up_proj": (n, d, 4 * d),
+        "down_proj": (n, 4 * d, d),
+        f"head ({rows} rows)": (rows, d, v),
+    }
+    dtype = getattr(torch, args.dtype)
+    print(f"{args.model}, {args.dtype}: GFLOP/s of one product, median of {args.repeats * 3} alternating runs")
+    print("| product [m, k] x [k, n] | torch.mm | XLA dot | XLA / torch |")
+    print("|---|---|---|---|")
+    for name, (m, k, n_out) in products.items():
+        a, b = torch.randn(m, k).to(dtype), torch.randn(k, n_out).to(dtype)
+        x, w = jnp.asarray(a.float().numpy(), args.dtype), jnp.asarray(b.float().numpy(), args.dtype)
+        dot = jax.jit(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32))
+        runs = {
+            "torch": functools.partial(torch.mm, a, b),
+            "xla": lambda dot=dot, x=x, w=w: dot(x, w).block_until_ready(),
+        }
+        times = {side: [] for side in runs}
+        for run in runs.values():
+            run()
+        for r in range(args.repeats * 3):
+            for side in runs if r % 2 == 0 else list(runs)[::-1]:
+                start = time.perf_counter()
+                runs[side]()
+                times[side].append(time.perf_counter() - start)
+        rate = {side: 2 * m * k * n_out / statistics.median(ts) / 1e9 for side, ts in times.items()}
+        print(
+            f"| {name} [{m}, {k}] x [{k}, {n_out}] | {rate['torch']:.0f} | {rate['xla']:.0f} | {rate['xla'] / rate['torch']:.2f} |"
+        )
+
+
 def gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
 
@@ -236,12 +287,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="alternating rounds (one process per side each)")
     parser.add_argument("--remat", default="none", help="mpt-jax's model.remat_policy")
     parser.add_argument("--remat_table", action="store_true", help="mpt-jax only: every remat policy")
+    parser.add_argument("--gemm", action="store_true", help="the step's products: torch.mm against XLA's dot")
     parser.add_argument("--side", choices=("jax", "torch"), help=argparse.SUPPRESS)  # a child process
     args = parser.parse_args()
     if args.side:
         child(args)
     elif args.remat_table:
         remat_table(args)
+    elif args.gemm:
+        gemm_table(args)
     else:
         comparison(args)
 

@@ -14,8 +14,8 @@ micro-batches of 4 rows per device, bfloat16 gradients, a bfloat16 first moment 
         --config.train.grad_dtype=bfloat16 --config.optimizer.mu_dtype=bfloat16 \
         --config.model.attn_impl=auto --compile
 
-plans 72.3 GiB per device and compiles (XLA, 8 CPU devices) to a 68.0 GiB peak; the defaults
-(float32 gradients, accumulating) plan 82.8 GiB at 1 row per device and do not fit.
+plans 72.2 GiB per device and compiles (XLA, 8 CPU devices) to a 67.1 GiB peak; the defaults
+(float32 gradients, accumulating) plan 81.5 GiB at 1 row per device and do not fit.
 """
 
 import ml_collections

@@ -13,8 +13,8 @@ settings at 8k context.
 
 Sized for one node of 8 x 80 GB as configs/30b_instruct.py is (1 row of 8192 per device, 9
 accumulation steps, bfloat16 gradients and first moment, the flash kernel on GPUs): `python -m
-mpt_jax.plan --config=configs/30b_chat.py --devices=8 --compile` plans 72.3 GiB per device and
-compiles (XLA, 8 CPU devices) to a 68.0 GiB peak (docs/sharding.md, "MPT-30B on one 8 x 80 GB node").
+mpt_jax.plan --config=configs/30b_chat.py --devices=8 --compile` plans 72.2 GiB per device and
+compiles (XLA, 8 CPU devices) to a 67.1 GiB peak (docs/sharding.md, "MPT-30B on one 8 x 80 GB node").
 """
 
 import ml_collections

@@ -13,10 +13,10 @@ Sized for one node of 8 x 80 GB, as the yaml's FSDP PURE bfloat16 run: FSDP over
 micro-batches of 1 row of 8192 per device (9 accumulation steps), gradients and their sum in
 bfloat16 (train.grad_dtype), AdamW's first moment in bfloat16 (optimizer.mu_dtype), the flash
 kernel on GPUs (attn_impl="auto"; the yaml's triton). `python -m mpt_jax.plan
---config=configs/30b_instruct.py --devices=8 --compile` plans 72.3 GiB per device and compiles
-(XLA, 8 CPU devices) to a 68.0 GiB peak (docs/sharding.md, "MPT-30B on one 8 x 80 GB node"); with
+--config=configs/30b_instruct.py --devices=8 --compile` plans 72.2 GiB per device and compiles
+(XLA, 8 CPU devices) to a 67.1 GiB peak (docs/sharding.md, "MPT-30B on one 8 x 80 GB node"); with
 float32 gradients and moments (--config.train.grad_dtype=float32 --config.optimizer.mu_dtype=float32,
-for more devices) it plans 88.6 GiB and does not fit.
+for more devices) it plans 88.5 GiB and does not fit.
 """
 
 import ml_collections
