@@ -121,12 +121,12 @@ class Linear(nn.Module):
         kernel = _param(self, "kernel", init, shape, self.axes)
         dtype = jnp.dtype(cfg.dtype)
         # One 2-D matmul: [tokens, in] @ [in, out] (XLA's CPU backend is fastest on plain 2-D dots).
-        n_in, n_out = math.prod(shape[: self.n_in]), math.prod(self.features)
-        x2, w2 = x.reshape(-1, n_in), kernel.reshape(n_in, n_out)
-        if jnp.issubdtype(kernel.dtype, jnp.floating):
+        n_in = math.prod(shape[: self.n_in])
+        x2 = x.reshape(-1, n_in)
+        if jnp.issubdtype(kernel.dtype, jnp.floating):  # ops.matmul reshapes the kernel itself
             y = checkpoint_name(ops.matmul(x2, kernel, dtype), LINEAR_OUT)
         else:  # int8 weights (inference only): no gradient to shape
-            y = x2.astype(dtype) @ w2.astype(dtype)
+            y = x2.astype(dtype) @ kernel.reshape(n_in, -1).astype(dtype)
         y = y.reshape(*x.shape[: x.ndim - self.n_in], *self.features)
         scale = _scale_of(self, "kernel")
         if scale is not None:

@@ -36,9 +36,16 @@ def to_bits(x: jax.Array) -> jax.Array:
     return x if bits is None else jax.lax.bitcast_convert_type(x, bits)
 
 
-def from_bits(x: jax.Array, dtype) -> jax.Array:
-    """The inverse of ``to_bits`` for an array that was of ``dtype``."""
-    return x if x.dtype == jnp.dtype(dtype) else jax.lax.bitcast_convert_type(x, dtype)
+def keep(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """A residual for a backward pass: x's bits (``to_bits``) and a zero-size array of x's dtype,
+    which ``restore`` reads the dtype from (a custom VJP's residuals are arrays, not Python values)."""
+    return to_bits(x), jnp.zeros((0,), x.dtype)
+
+
+def restore(kept: tuple[jax.Array, jax.Array]) -> jax.Array:
+    """The array ``keep`` was given."""
+    bits, kind = kept
+    return bits if bits.dtype == kind.dtype else jax.lax.bitcast_convert_type(bits, kind.dtype)
 
 
 def accumulation_dtype(dtype) -> jnp.dtype:
@@ -62,12 +69,12 @@ def _matmul_fwd(x, w, dtype):
     # The residual is w itself, as the caller holds it (not reshaped, not cast): inside the layer
     # scan a weight is a slice of the stacked params, which the backward reads again for free,
     # while any copy of it would be stacked per layer and written every step.
-    return _dot(x, _as_matrix(w, x.shape[1], dtype), (1, 0)).astype(dtype), (to_bits(x), w)
+    return _dot(x, _as_matrix(w, x.shape[1], dtype), (1, 0)).astype(dtype), (keep(x), w)
 
 
 def _matmul_bwd(dtype, residuals, g):
-    x, w = residuals
-    x = from_bits(x, dtype)
+    kept_x, w = residuals
+    x = restore(kept_x)
     g = g.astype(dtype)
     dx = _dot(g, _as_matrix(w, x.shape[1], dtype), (1, 1)).astype(x.dtype)  # [N, M] . [K, M] -> [N, K]
     return dx, _weight_grad(x, g).astype(w.dtype).reshape(w.shape)
@@ -115,11 +122,11 @@ def gelu(x: jax.Array) -> jax.Array:
 
 
 def _gelu_fwd(x):
-    return gelu(x), to_bits(x)
+    return gelu(x), keep(x)
 
 
-def _gelu_bwd(x, g):
-    x = from_bits(x, g.dtype)
+def _gelu_bwd(kept_x, g):
+    x = restore(kept_x)
     y = x.astype(accumulation_dtype(x.dtype))
     cdf = 0.5 * (1.0 + jax.lax.erf(y * _SQRT_HALF))
     pdf = jnp.exp(-0.5 * y * y) * _INV_SQRT_2PI
@@ -150,12 +157,12 @@ def _norm_fwd(x, scale, bias, axes, eps, rms, dtype):
     y = (xf - mean) * rstd * scale.astype(xf.dtype)
     if bias is not None:
         y = y + bias.astype(xf.dtype)
-    return y.astype(dtype), (to_bits(x), jnp.zeros((0,), x.dtype), mean, rstd, scale, bias)
+    return y.astype(dtype), (keep(x), mean, rstd, scale, bias)
 
 
 def _norm_bwd(axes, eps, rms, dtype, residuals, g):
-    x, x_kind, mean, rstd, scale, bias = residuals
-    x = from_bits(x, x_kind.dtype)
+    kept_x, mean, rstd, scale, bias = residuals
+    x = restore(kept_x)
     xf = x.astype(accumulation_dtype(x.dtype))
     reduce = tuple(range(xf.ndim - axes, xf.ndim))
     rows = tuple(range(xf.ndim - axes))

@@ -267,13 +267,12 @@ def _attention_fwd(q, k, v, bias_inputs, scale, softcap, make_bias, blocks):
         outs.append(out.astype(v.dtype))
     lse = checkpoint_name(_join(lses, q_len), LSE_NAME)
     out = checkpoint_name(_join(outs, q_len), OUT_NAME)
-    kinds = tuple(jnp.zeros((0,), x.dtype) for x in (q, k, v))
-    return out, (*map(ops.to_bits, (q, k, v, out)), kinds, bias_inputs, lse)
+    return out, (tuple(ops.keep(x) for x in (q, k, v, out)), bias_inputs, lse)
 
 
 def _attention_bwd(scale, softcap, make_bias, blocks, residuals, g):
-    *bits, kinds, bias_inputs, lse = residuals
-    q, k, v, out = (ops.from_bits(x, kind.dtype) for x, kind in zip(bits, (*kinds, kinds[2]), strict=True))
+    kept, bias_inputs, lse = residuals
+    q, k, v, out = (ops.restore(x) for x in kept)
     acc = jnp.promote_types(v.dtype, jnp.float32)
     q_len, kv_len = blocks[-1][1], k.shape[2]
     g = g.astype(v.dtype)
