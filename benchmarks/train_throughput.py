@@ -93,7 +93,7 @@ def jax_side(args) -> dict:
     # Compiled before the state exists, so that the compiler's working memory and the state are
     # not held at once (torch has no compile step to keep apart).
     abstract = jax.eval_shape(lambda: steps.init_state(cfg, optimizer, jax.random.key(0)))
-    fn = fn.lower(abstract, batch).compile()
+    fn = fn.lower(abstract, batch).compile(compiler_options=steps.train_compiler_options(cfg))
     holder = {"state": steps.init_state(cfg, optimizer, jax.random.key(0))}
 
     def step() -> float:

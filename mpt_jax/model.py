@@ -162,6 +162,14 @@ class Norm(nn.Module):
         return ops.norm(x, scale, bias, len(self.shape), eps, rms, jnp.dtype(cfg.dtype))
 
 
+def lookup(table: jax.Array, ids: jax.Array, dtype, scale: jax.Array | None = None) -> jax.Array:
+    """Rows ``ids`` of an embedding table in ``dtype``, an int8 table's times its per-row
+    ``scale``. ``Embedding`` looks up with it, and so does ``steps.loss_and_grads``, which
+    differentiates with respect to the rows rather than the table."""
+    rows = jnp.take(table, ids, axis=0).astype(dtype)
+    return rows if scale is None else rows * jnp.take(scale, ids, axis=0)[..., None].astype(dtype)
+
+
 class Embedding(nn.Module):
     """A [rows, d_model] table: lookup, and (for the tied head) float32 logits against it."""
 
@@ -173,9 +181,7 @@ class Embedding(nn.Module):
         self.embedding = _param(self, "embedding", embedding_init(self.cfg), (self.rows, self.cfg.d_model), self.axes)
 
     def __call__(self, ids: jax.Array) -> jax.Array:
-        rows = jnp.take(self.embedding, ids, axis=0).astype(self.cfg.dtype)
-        scale = _scale_of(self, "embedding")
-        return rows if scale is None else rows * jnp.take(scale, ids, axis=0)[..., None].astype(self.cfg.dtype)
+        return lookup(self.embedding, ids, self.cfg.dtype, _scale_of(self, "embedding"))
 
     def attend(self, h: jax.Array) -> jax.Array:
         dtype = jnp.dtype(self.cfg.dtype)

@@ -567,7 +567,7 @@ def compile_report(
         )
     cfg = run_config.model_config(config)
     here = devices[0].platform
-    options = {}
+    options = steps.train_compiler_options(cfg, here) or {}
     if platform == "gpu" and here == "cpu":
         options = dict(CPU_AS_GPU_OPTIONS)
         if attention_path(cfg, platform) == "flash" and attention_path(cfg, here) != "flash":

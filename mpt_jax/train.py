@@ -346,6 +346,7 @@ class Trainer:
             in_shardings=(self.state_shardings, self.batch_sharding),
             out_shardings=(self.state_shardings, self.replicated),
             donate_argnums=(0,),
+            compiler_options=steps.train_compiler_options(self.cfg),
         )
         eval_fn = jax.jit(
             functools.partial(steps.eval_step, cfg=self.cfg),

@@ -53,8 +53,10 @@ def _tiny(dtype: str, data_dir: str):
 
 @pytest.mark.slow
 def test_tiny_loss_curves_in_bfloat16_and_float32_end_within_two_percent(stdlib_data_dir, tmp_path):
-    """configs/tiny.py as it is, once with model.dtype=bfloat16 and once in float32: the eval
-    losses at every eval step and the mean training loss of the last 40 steps agree within 2%."""
+    """configs/tiny.py's model, data and batch, once with model.dtype=bfloat16 and once in float32,
+    over its first half (120 of its 240 steps, evaluated every 40: CI time; the whole run's curves
+    are in docs/performance.md): the eval losses at every eval step and the mean training loss of
+    the last 20 steps agree within 2%."""
     from mpt_jax.train import Trainer
 
     curves = {}
@@ -66,15 +68,17 @@ def test_tiny_loss_curves_in_bfloat16_and_float32_end_within_two_percent(stdlib_
             if "eval_loss" in m:
                 evals[step] = float(m["eval_loss"])
 
-        Trainer(_tiny(dtype, stdlib_data_dir), str(tmp_path / dtype), callback=record).run()
+        config = _tiny(dtype, stdlib_data_dir)
+        config.train.max_steps, config.train.eval_every = 120, 40
+        Trainer(config, str(tmp_path / dtype), callback=record).run()
         curves[dtype] = (losses, evals)
     (f32, f32_eval), (bf16, bf16_eval) = curves["float32"], curves["bfloat16"]
-    assert sorted(f32) == sorted(bf16) and len(f32) == 240
-    assert sorted(f32_eval) == sorted(bf16_eval) == [80, 160, 240]
+    assert sorted(f32) == sorted(bf16) and len(f32) == 120
+    assert sorted(f32_eval) == sorted(bf16_eval) == [40, 80, 120]
     for step in f32_eval:
         assert abs(bf16_eval[step] - f32_eval[step]) <= 0.02 * f32_eval[step], (step, bf16_eval, f32_eval)
-    tail = [s for s in sorted(f32) if s > 200]
+    tail = [s for s in sorted(f32) if s > 100]
     mean32, mean16 = np.mean([f32[s] for s in tail]), np.mean([bf16[s] for s in tail])
-    print(f"eval float32 {f32_eval}, bfloat16 {bf16_eval}; last 40 steps' mean {mean32:.4f} / {mean16:.4f}")
+    print(f"eval float32 {f32_eval}, bfloat16 {bf16_eval}; last 20 steps' mean {mean32:.4f} / {mean16:.4f}")
     assert abs(mean16 - mean32) <= 0.02 * mean32, (mean16, mean32)
-    assert f32[1] - f32[240] > 3.0  # it learned
+    assert f32[1] - f32[120] > 1.0  # it learned
