@@ -5,6 +5,8 @@ from setuptools import find_packages, setup
 HF = ["torch", "transformers>=4.40"]
 SERVE = ["fastapi", "uvicorn"]  # python -m mpt_jax.serve
 NOTEBOOKS = ["nbclient", "nbformat", "ipykernel", "matplotlib"]  # notebooks/, run by tests/test_notebooks.py
+# pytest-xdist: pyproject.toml runs the suite on two workers
+TESTING = ["pytest", "pytest-xdist", "ruff", "openai", "prometheus_client", "lm-eval[hf]==0.4.13"]
 
 setup(
     name="mpt-jax",
@@ -37,7 +39,7 @@ setup(
         "serve": SERVE,
         "eval": ["lm-eval==0.4.13"],  # the mpt_jax backend of lm-evaluation-harness
         "notebooks": NOTEBOOKS,
-        "test": HF + SERVE + NOTEBOOKS + ["pytest", "ruff", "openai", "prometheus_client", "lm-eval[hf]==0.4.13"],
+        "test": HF + SERVE + NOTEBOOKS + TESTING,
         "gpu": ["jax[cuda12]"],
         "tpu": ["jax[tpu]"],
     },
