@@ -151,8 +151,8 @@ def train_step(
     micro = jax.tree.map(lambda x: x.reshape(rows // micro_batches, micro_batches, *x.shape[1:]).swapaxes(0, 1), batch)
     # The loss's denominator (the counted tokens), known before the forward pass: the gradients
     # come out divided by it.
-    tokens = jnp.sum(batch["loss_mask"][:, 1:]).astype(jnp.float32)
-    denom = jnp.maximum(tokens, 1.0)
+    counted = jnp.sum(batch["loss_mask"][:, 1:]).astype(jnp.float32)
+    denom = jnp.maximum(counted, 1.0)
 
     def grad_fn(p, b, r):
         return loss_and_grads(p, b, cfg, r, 1.0 / denom)
@@ -187,7 +187,7 @@ def train_step(
         "lr": schedule(state["step"]),
         "grad_norm": optax.global_norm(grads),
         "param_norm": optax.global_norm(new_params),
-        "tokens": tokens,
+        "tokens": counted,
     }
     new_state = {"step": state["step"] + 1, "params": new_params, "opt_state": opt_state, "rng": state["rng"]}
     return new_state, metrics
