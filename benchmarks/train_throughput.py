@@ -71,7 +71,7 @@ def jax_side(args) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from mpt_jax import MPTConfig, optim, steps
+    from mpt_jax import MPTConfig, host_memory, optim, steps
 
     cfg = MPTConfig(max_seq_len=args.seq_len, dtype=args.dtype, remat_policy=args.remat, **SHAPES[args.model])
     opt_cfg = optim.optimizer_config(
@@ -94,7 +94,9 @@ def jax_side(args) -> dict:
     # not held at once (torch has no compile step to keep apart).
     abstract = jax.eval_shape(lambda: steps.init_state(cfg, optimizer, jax.random.key(0)))
     fn = fn.lower(abstract, batch).compile(compiler_options=steps.train_compiler_options(cfg))
+    host_memory.release_free_memory()  # as the trainer does after its compiling first step
     holder = {"state": steps.init_state(cfg, optimizer, jax.random.key(0))}
+    host_memory.release_free_memory()  # as the trainer does once the state exists
 
     def step() -> float:
         holder["state"], m = fn(holder["state"], batch)

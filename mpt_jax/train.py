@@ -30,7 +30,7 @@ from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from mpt_jax import checkpoint, cli, distributed, files, metrics, optim, run_config, sharding, steps
+from mpt_jax import checkpoint, cli, distributed, files, host_memory, metrics, optim, run_config, sharding, steps
 from mpt_jax.data import formats
 from mpt_jax.data.pipeline import DataConfig, check_data, get_tokenizer, iterate, make_dataset, to_global_arrays
 from mpt_jax.model import flat_params
@@ -323,6 +323,7 @@ class Trainer:
         )
         try:
             step0, state = self._restore_or_init(ckpts, data_iter)
+            host_memory.release_free_memory()  # what initializing or restoring freed
             self._open_outputs(step0)
             return self._loop(step0, state, ckpts, data_iter)
         finally:
@@ -372,6 +373,7 @@ class Trainer:
                 window_tokens += float(out["tokens"])
                 window_steps += 1
                 if step == step0 + 1:  # the first step compiles: keep it out of the throughput
+                    host_memory.release_free_memory()  # the compiler's freed memory
                     window_tokens, window_start, window_steps = 0.0, time.perf_counter(), 0
                 bar.update(1)
                 if t.log_every and (step % t.log_every == 0 or step in (step0 + 1, t.max_steps)):

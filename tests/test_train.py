@@ -236,12 +236,15 @@ def test_nonfinite_loss_stops_naming_the_step(stdlib_data_dir, tmp_path):
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(final_params(workdir, bad_step - 1)))
 
 
-def test_callback_sees_every_step_and_a_resume_starts_after_the_checkpoint(stdlib_data_dir, tmp_path):
+def test_callback_sees_every_step_and_a_resume_starts_after_the_checkpoint(stdlib_data_dir, tmp_path, monkeypatch):
     """Trainer(callback=): one call per step with that step's loss, the logged metrics on log steps
     (the numbers metrics.jsonl holds) and eval_* on eval steps; a resumed run's first call is the
-    step after the restored checkpoint; an exception from the callback ends the run."""
+    step after the restored checkpoint; an exception from the callback ends the run. The trainer
+    returns the heap's free pages twice, before the first step's callback (the state made, the step
+    compiled), and not on every step."""
     import runpy
 
+    from mpt_jax import host_memory
     from mpt_jax.train import Trainer
 
     def config(max_steps):
@@ -256,8 +259,11 @@ def test_callback_sees_every_step_and_a_resume_starts_after_the_checkpoint(stdli
 
     workdir = str(tmp_path / "run")
     calls = []
+    releases = []
+    monkeypatch.setattr(host_memory, "release_free_memory", lambda: releases.append(len(calls)) or True)
     result = Trainer(config(6), workdir, callback=lambda step, m: calls.append((step, dict(m)))).run()
     assert [s for s, _ in calls] == [1, 2, 3, 4, 5, 6]
+    assert releases == [0, 0]
     assert all(np.isfinite(m["loss"]) for _, m in calls)
     logged = {}  # train and eval records of a step together
     for record in read_metrics(workdir):
