@@ -167,11 +167,18 @@ def matmul_ceiling(dtype: str, n: int = 2048, repeats: int = 10) -> float:
 
 
 def gemm_table(args) -> None:
-    """GFLOP/s of torch.mm and of a jitted XLA dot on the step's shapes, alternating."""
+    """GFLOP/s of torch.mm and of XLA on the step's products, forward and backward, alternating.
+
+    XLA's side is jitted ``ops`` code: the forward x @ w, the input gradient g @ w^T and the weight
+    gradient x^T g as ``ops`` computes them (``ops._weight_grad``), each accumulated in float32;
+    torch's the same three products with ``torch.mm`` on transposed views. Each timed run follows
+    an untimed one of the same side, so that each library's threads are awake, as inside a step,
+    not waking up after the other library's turn."""
     import jax
     import jax.numpy as jnp
     import torch
 
+    from mpt_jax import ops
     from mpt_jax.loss import chunk_length
 
     shape = SHAPES[args.model]
@@ -185,29 +192,42 @@ def gemm_table(args) -> None:
         f"head ({rows} rows)": (rows, d, v),
     }
     dtype = getattr(torch, args.dtype)
-    print(f"{args.model}, {args.dtype}: GFLOP/s of one product, median of {args.repeats * 3} alternating runs")
-    print("| product [m, k] x [k, n] | torch.mm | XLA dot | XLA / torch |")
-    print("|---|---|---|---|")
+    acc = jnp.float32
+    xla_forms = {
+        "x w": jax.jit(lambda x, w, g: jax.lax.dot(x, w, preferred_element_type=acc)),
+        "g w^T": jax.jit(
+            lambda x, w, g: jax.lax.dot_general(g, w, (((1,), (1,)), ((), ())), preferred_element_type=acc)
+        ),
+        "x^T g": jax.jit(lambda x, w, g: ops._weight_grad(x, g)),
+    }
+    runs = args.repeats * 3
+    print(f"{args.model}, {args.dtype}: GFLOP/s of one product, median of {runs} alternating runs")
+    print("| product [m, k] x [k, n] | form | torch.mm | XLA | XLA / torch |")
+    print("|---|---|---|---|---|")
     for name, (m, k, n_out) in products.items():
-        a, b = torch.randn(m, k).to(dtype), torch.randn(k, n_out).to(dtype)
-        x, w = jnp.asarray(a.float().numpy(), args.dtype), jnp.asarray(b.float().numpy(), args.dtype)
-        dot = jax.jit(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32))
-        runs = {
-            "torch": functools.partial(torch.mm, a, b),
-            "xla": lambda dot=dot, x=x, w=w: dot(x, w).block_until_ready(),
-        }
-        times = {side: [] for side in runs}
-        for run in runs.values():
-            run()
-        for r in range(args.repeats * 3):
-            for side in runs if r % 2 == 0 else list(runs)[::-1]:
-                start = time.perf_counter()
-                runs[side]()
-                times[side].append(time.perf_counter() - start)
-        rate = {side: 2 * m * k * n_out / statistics.median(ts) / 1e9 for side, ts in times.items()}
-        print(
-            f"| {name} [{m}, {k}] x [{k}, {n_out}] | {rate['torch']:.0f} | {rate['xla']:.0f} | {rate['xla'] / rate['torch']:.2f} |"
-        )
+        a, b, c = torch.randn(m, k).to(dtype), torch.randn(k, n_out).to(dtype), torch.randn(m, n_out).to(dtype)
+        x, w, g = (jnp.asarray(t.float().numpy(), args.dtype) for t in (a, b, c))
+        torch_forms = {"x w": (a, b), "g w^T": (c, b.T), "x^T g": (a.T, c)}
+        for form, fn in xla_forms.items():
+            sides = {
+                "torch": functools.partial(torch.mm, *torch_forms[form]),
+                "xla": lambda fn=fn, operands=(x, w, g): fn(*operands).block_until_ready(),
+            }
+            times = {side: [] for side in sides}
+            for run in sides.values():
+                run()
+            for r in range(runs):
+                for side in sides if r % 2 == 0 else list(sides)[::-1]:
+                    sides[side]()  # untimed: each side's threads awake, as inside a step
+                    start = time.perf_counter()
+                    sides[side]()
+                    times[side].append(time.perf_counter() - start)
+            rate = {side: 2 * m * k * n_out / statistics.median(ts) / 1e9 for side, ts in times.items()}
+            print(
+                f"| {name} [{m}, {k}] x [{k}, {n_out}] | {form} | {rate['torch']:.0f} | {rate['xla']:.0f} "
+                f"| {rate['xla'] / rate['torch']:.2f} |",
+                flush=True,
+            )
 
 
 def gib(n: float) -> str:
