@@ -169,9 +169,10 @@ def matmul_ceiling(dtype: str, n: int = 2048, repeats: int = 10) -> float:
 def gemm_table(args) -> None:
     """GFLOP/s of torch.mm and of XLA on the step's products, forward and backward, alternating.
 
-    XLA's side is jitted ``ops`` code: the forward x @ w, the input gradient g @ w^T and the weight
-    gradient x^T g as ``ops`` computes them (``ops._weight_grad``), each accumulated in float32;
-    torch's the same three products with ``torch.mm`` on transposed views. Each timed run follows
+    XLA's side is jitted ``ops`` code (``ops._dot``, ``ops._weight_grad``): the forward x @ w, the
+    input gradient g @ w^T and the weight gradient x^T g as ``ops.matmul`` computes them, each
+    accumulated in float32; torch's the same three products with ``torch.mm`` on transposed views.
+    Each timed run follows
     an untimed one of the same side, so that each library's threads are awake, as inside a step,
     not waking up after the other library's turn."""
     import jax
@@ -192,12 +193,9 @@ def gemm_table(args) -> None:
         f"head ({rows} rows)": (rows, d, v),
     }
     dtype = getattr(torch, args.dtype)
-    acc = jnp.float32
-    xla_forms = {
-        "x w": jax.jit(lambda x, w, g: jax.lax.dot(x, w, preferred_element_type=acc)),
-        "g w^T": jax.jit(
-            lambda x, w, g: jax.lax.dot_general(g, w, (((1,), (1,)), ((), ())), preferred_element_type=acc)
-        ),
+    xla_forms = {  # the products of ops.matmul's forward and backward
+        "x w": jax.jit(lambda x, w, g: ops._dot(x, w, (1, 0))),
+        "g w^T": jax.jit(lambda x, w, g: ops._dot(g, w, (1, 1))),
         "x^T g": jax.jit(lambda x, w, g: ops._weight_grad(x, g)),
     }
     runs = args.repeats * 3
