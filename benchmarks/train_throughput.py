@@ -4,6 +4,7 @@
     python benchmarks/train_throughput.py --dtype=bfloat16
     python benchmarks/train_throughput.py --remat_table [--dtype=float32]
     python benchmarks/train_throughput.py --gemm [--dtype=bfloat16]
+    python benchmarks/train_throughput.py --reuse_table [--dtype=bfloat16]
 
 Each side runs full optimizer steps (forward, backward, gradient clipping, AdamW) on the same random
 batch in a process of its own, so that each one's peak resident memory (``ru_maxrss``: the
@@ -21,6 +22,10 @@ peak memory against the no-remat step.
 and the head's chunk of logits) as one torch.mm and as one jitted XLA dot at ``--dtype``
 (bfloat16 inputs, float32 accumulation on both sides), alternating, in one process: the ceiling
 each framework's matmul library puts on the step.
+
+``--reuse_table`` runs only mpt-jax, with and without ``host_memory.reuse_step_memory`` (which the
+trainer applies, and the comparison's mpt-jax side too unless ``--no_reuse``), and reports each
+one's step time, page faults per step and peak memory.
 """
 
 from __future__ import annotations
@@ -56,15 +61,20 @@ def tokens_for(args) -> np.ndarray:
     return np.random.default_rng(0).integers(0, vocab, (args.batch, args.seq_len)).astype(np.int32)
 
 
-def run_steps(step, n: int) -> tuple[list[float], list[float]]:
-    """(seconds of each of n steps after one warm-up/compile step, every step's loss)."""
+def run_steps(step, n: int) -> dict[str, list[float]]:
+    """Seconds, page faults (minor: memory the kernel maps and zeroes) and kernel CPU seconds of
+    each of n steps after one warm-up/compile step; every step's loss."""
     losses = [step()]
-    times = []
+    times, faults, system = [], [], []
     for _ in range(n):
+        before = resource.getrusage(resource.RUSAGE_SELF)
         start = time.perf_counter()
         losses.append(step())
         times.append(time.perf_counter() - start)
-    return times, losses
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        faults.append(after.ru_minflt - before.ru_minflt)
+        system.append(after.ru_stime - before.ru_stime)
+    return {"times": times, "losses": losses, "faults": faults, "system": system}
 
 
 def jax_side(args) -> dict:
@@ -73,6 +83,8 @@ def jax_side(args) -> dict:
 
     from mpt_jax import MPTConfig, host_memory, optim, steps
 
+    # As `python -m mpt_jax.train` does, before any jax computation.
+    reuse = False if args.no_reuse else host_memory.reuse_step_memory()
     cfg = MPTConfig(max_seq_len=args.seq_len, dtype=args.dtype, remat_policy=args.remat, **SHAPES[args.model])
     opt_cfg = optim.optimizer_config(
         name="decoupled_adamw", lr=LR, b1=BETAS[0], b2=BETAS[1], eps=EPS, weight_decay=0.0, grad_clip_norm=CLIP
@@ -102,8 +114,7 @@ def jax_side(args) -> dict:
         holder["state"], m = fn(holder["state"], batch)
         return float(m["loss"])
 
-    times, losses = run_steps(step, args.steps)
-    return {"times": times, "losses": losses}
+    return {**run_steps(step, args.steps), "reuse": reuse}
 
 
 def torch_side(args) -> dict:
@@ -130,8 +141,7 @@ def torch_side(args) -> dict:
         opt.zero_grad(set_to_none=True)
         return float(loss)
 
-    times, losses = run_steps(step, args.steps)
-    return {"times": times, "losses": losses, "threads": torch.get_num_threads(), "version": torch.__version__}
+    return {**run_steps(step, args.steps), "threads": torch.get_num_threads(), "version": torch.__version__}
 
 
 def child(args) -> None:
@@ -140,10 +150,12 @@ def child(args) -> None:
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def spawn(args, side: str, remat: str | None = None) -> dict:
+def spawn(args, side: str, remat: str | None = None, reuse: bool | None = None) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), f"--side={side}", f"--model={args.model}"]
     cmd += [f"--dtype={args.dtype}", f"--batch={args.batch}", f"--seq_len={args.seq_len}", f"--steps={args.steps}"]
     cmd += [f"--remat={remat or args.remat}"]
+    if not (not args.no_reuse if reuse is None else reuse):
+        cmd += ["--no_reuse"]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     if out.returncode or not lines:
@@ -297,6 +309,36 @@ def remat_table(args) -> None:
         )
 
 
+def reuse_table(args) -> None:
+    """mpt-jax alone, with and without ``host_memory.reuse_step_memory``, alternating processes."""
+    runs = {True: [], False: []}
+    for r in range(args.repeats):
+        for reuse in (True, False) if r % 2 == 0 else (False, True):
+            runs[reuse].append(spawn(args, "jax", reuse=reuse))
+    step = {k: [statistics.median(run["times"]) for run in rs] for k, rs in runs.items()}
+    ratios = [off / on for on, off in zip(step[True], step[False], strict=True)]
+    print(
+        f"{args.model}, {args.dtype}, batch {args.batch} x {args.seq_len}, remat {args.remat}: "
+        f"{args.repeats} alternating rounds of {args.steps} steps, each run in its own process"
+    )
+    print(
+        "| host memory | applied | step s (each round) | page faults / step | kernel CPU s / step | peak memory | loss |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for reuse, name in ((False, "default"), (True, "reuse_step_memory")):
+        rs = runs[reuse]
+        faults = statistics.median(f for run in rs for f in run["faults"])
+        system = statistics.median(t for run in rs for t in run["system"])
+        print(
+            f"| {name} | {all(run['reuse'] for run in rs)} | {', '.join(f'{t:.3f}' for t in step[reuse])} | "
+            f"{faults:,.0f} | {system:.2f} | {gib(max(run['peak_rss'] for run in rs))} | "
+            f"{rs[0]['losses'][-1]:.6f} |"
+        )
+    print(
+        f"speed-up (median of rounds' ratios): {statistics.median(ratios):.2f}x ({', '.join(f'{x:.2f}' for x in ratios)})"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="125m", choices=sorted(SHAPES))
@@ -308,6 +350,8 @@ def main() -> None:
     parser.add_argument("--remat", default="none", help="mpt-jax's model.remat_policy")
     parser.add_argument("--remat_table", action="store_true", help="mpt-jax only: every remat policy")
     parser.add_argument("--gemm", action="store_true", help="the step's products: torch.mm against XLA's dot")
+    parser.add_argument("--reuse_table", action="store_true", help="mpt-jax only: with and without reuse_step_memory")
+    parser.add_argument("--no_reuse", action="store_true", help="mpt-jax without host_memory.reuse_step_memory")
     parser.add_argument("--side", choices=("jax", "torch"), help=argparse.SUPPRESS)  # a child process
     args = parser.parse_args()
     if args.side:
@@ -316,6 +360,8 @@ def main() -> None:
         remat_table(args)
     elif args.gemm:
         gemm_table(args)
+    elif args.reuse_table:
+        reuse_table(args)
     else:
         comparison(args)
 

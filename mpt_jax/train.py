@@ -443,6 +443,8 @@ def main(argv) -> None:
     from absl import flags
     from ml_collections import config_flags
 
+    if host_memory.reuse_step_memory():  # first: it must precede jax's first computation
+        logging.info("host memory: each step reuses the previous step's freed temporaries")
     f = flags.FLAGS
     config = cli.config_from_flags("config")
     name = os.path.splitext(os.path.basename(config_flags.get_config_filename(f["config"])))[0]
