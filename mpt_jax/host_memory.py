@@ -109,4 +109,13 @@ def reuse_step_memory() -> bool:
     # glibc takes the threshold as a size_t: -1 is the largest, so the heap's top is never trimmed
     # by free() itself.
     libc.mallopt(_M_TRIM_THRESHOLD, -1)
+    _reusing.append(True)
     return True
+
+
+_reusing: list[bool] = []  # one entry once reuse_step_memory has applied its settings
+
+
+def reusing_step_memory() -> bool:
+    """Whether ``reuse_step_memory`` has applied its settings in this process."""
+    return bool(_reusing)

@@ -374,6 +374,8 @@ class Trainer:
                 window_steps += 1
                 if step == step0 + 1:  # the first step compiles: keep it out of the throughput
                     host_memory.release_free_memory()  # the compiler's freed memory
+                    if host_memory.reusing_step_memory() and self.is_main:
+                        logging.info("host memory: each step reuses the memory of the step before")
                     window_tokens, window_start, window_steps = 0.0, time.perf_counter(), 0
                 bar.update(1)
                 if t.log_every and (step % t.log_every == 0 or step in (step0 + 1, t.max_steps)):
@@ -443,8 +445,7 @@ def main(argv) -> None:
     from absl import flags
     from ml_collections import config_flags
 
-    if host_memory.reuse_step_memory():  # first: it must precede jax's first computation
-        logging.info("host memory: each step reuses the previous step's freed temporaries")
+    host_memory.reuse_step_memory()  # first: it must precede jax's first computation
     f = flags.FLAGS
     config = cli.config_from_flags("config")
     name = os.path.splitext(os.path.basename(config_flags.get_config_filename(f["config"])))[0]

@@ -49,6 +49,7 @@ _FAULTS = textwrap.dedent(
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     y = f(x).block_until_ready()
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    assert host_memory.reusing_step_memory() == applied
     print(json.dumps({"applied": applied, "faults": faults, "sum": float(y.sum()),
                       "async": jax.config.read("jax_cpu_enable_async_dispatch")}))
     """
@@ -88,4 +89,5 @@ def test_reuse_step_memory_changes_nothing_once_jax_has_started():
     jax.numpy.zeros(1).block_until_ready()  # the backends exist now
     async_before = jax.config.read("jax_cpu_enable_async_dispatch")
     assert host_memory.reuse_step_memory() is False
+    assert not host_memory.reusing_step_memory()
     assert jax.config.read("jax_cpu_enable_async_dispatch") == async_before

@@ -51,7 +51,8 @@ def test_train_finetune_to_chat_convert_and_generate_in_transformers(stdlib_data
     os.symlink(os.path.join(ROOT, "configs"), tmp_path / "configs")
     env = dict(os.environ, MPT_JAX_DATA_DIR=stdlib_data_dir)
     cwd = str(tmp_path)
-    _run(["mpt_jax.train", "--config=configs/tiny.py", *SHORT], cwd, env)
+    done = _run(["mpt_jax.train", "--config=configs/tiny.py", *SHORT], cwd, env)
+    assert "host memory: each step reuses" in done.stderr  # CPU-only: host_memory.reuse_step_memory applied
     _run(["mpt_jax.train", "--config=configs/tiny_chat.py", *SHORT], cwd, env)
     _run(["mpt_jax.convert", "jax_to_hf", "workdirs/tiny_chat", "hf/tiny_chat"], cwd, env)
     chat = ["mpt_jax.chat", "--model=workdirs/tiny_chat", "--temperature=0", "--max_new_tokens=8"]
