@@ -154,7 +154,9 @@ def spawn(args, side: str, remat: str | None = None, reuse: bool | None = None) 
     cmd = [sys.executable, os.path.abspath(__file__), f"--side={side}", f"--model={args.model}"]
     cmd += [f"--dtype={args.dtype}", f"--batch={args.batch}", f"--seq_len={args.seq_len}", f"--steps={args.steps}"]
     cmd += [f"--remat={remat or args.remat}"]
-    if not (not args.no_reuse if reuse is None else reuse):
+    if reuse is None:
+        reuse = not args.no_reuse
+    if not reuse:
         cmd += ["--no_reuse"]
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
