@@ -165,6 +165,16 @@ def spawn(args, side: str, remat: str | None = None, reuse: bool | None = None) 
     return json.loads(lines[-1][len("RESULT ") :])
 
 
+def alternate(variants: list, run, repeats: int) -> dict:
+    """{variant: [run(variant, round) for each round]}, the order reversed every other round, so
+    that the machine's drift over minutes falls on every variant alike."""
+    runs = {v: [] for v in variants}
+    for r in range(repeats):
+        for v in variants if r % 2 == 0 else variants[::-1]:
+            runs[v].append(run(v, r))
+    return runs
+
+
 def matmul_ceiling(dtype: str, n: int = 2048, repeats: int = 10) -> float:
     """FLOP/s of a jitted square matmul at ``dtype`` (bfloat16 inputs accumulate in float32, as the
     model's linears do): this CPU's practical peak for MFU."""
@@ -186,9 +196,8 @@ def gemm_table(args) -> None:
     XLA's side is jitted ``ops`` code (``ops._dot``, ``ops._weight_grad``): the forward x @ w, the
     input gradient g @ w^T and the weight gradient x^T g as ``ops.matmul`` computes them, each
     accumulated in float32; torch's the same three products with ``torch.mm`` on transposed views.
-    Each timed run follows
-    an untimed one of the same side, so that each library's threads are awake, as inside a step,
-    not waking up after the other library's turn."""
+    Each timed run follows an untimed one of the same side, so that each library's threads are
+    awake, as inside a step, not waking up after the other library's turn."""
     import jax
     import jax.numpy as jnp
     import torch
@@ -253,16 +262,18 @@ def comparison(args) -> None:
     cfg = MPTConfig(max_seq_len=args.seq_len, **SHAPES[args.model])
     n_tokens = args.batch * args.seq_len
     fpt = metrics.flops_per_token(cfg, args.seq_len)
-    runs = {"jax": [], "torch": []}
-    for r in range(args.repeats):
-        for side in ("jax", "torch") if r % 2 == 0 else ("torch", "jax"):
-            runs[side].append(spawn(args, side))
-            print(
-                f"  round {r}: {side:5s} median step {statistics.median(runs[side][-1]['times']):.3f} s, "
-                f"peak {gib(runs[side][-1]['peak_rss'])}",
-                file=sys.stderr,
-                flush=True,
-            )
+
+    def run(side: str, r: int) -> dict:
+        result = spawn(args, side)
+        print(
+            f"  round {r}: {side:5s} median step {statistics.median(result['times']):.3f} s, "
+            f"peak {gib(result['peak_rss'])}",
+            file=sys.stderr,
+            flush=True,
+        )
+        return result
+
+    runs = alternate(["jax", "torch"], run, args.repeats)
     ceiling = matmul_ceiling(args.dtype)
     step = {side: [statistics.median(run["times"]) for run in rs] for side, rs in runs.items()}
     ratios = [t / j for j, t in zip(step["jax"], step["torch"], strict=True)]
@@ -296,10 +307,7 @@ def remat_table(args) -> None:
     from mpt_jax.config import REMAT_POLICIES
 
     policies = list(REMAT_POLICIES)
-    runs = {p: [] for p in policies}
-    for r in range(args.repeats):
-        for p in policies if r % 2 == 0 else policies[::-1]:
-            runs[p].append(spawn(args, "jax", remat=p))
+    runs = alternate(policies, lambda p, r: spawn(args, "jax", remat=p), args.repeats)
     step = {p: statistics.median(statistics.median(run["times"]) for run in rs) for p, rs in runs.items()}
     peak = {p: max(run["peak_rss"] for run in rs) for p, rs in runs.items()}
     print(f"{args.model}, {args.dtype}, batch {args.batch} x {args.seq_len}, {args.repeats} alternating rounds")
@@ -313,10 +321,7 @@ def remat_table(args) -> None:
 
 def reuse_table(args) -> None:
     """mpt-jax alone, with and without ``host_memory.reuse_step_memory``, alternating processes."""
-    runs = {True: [], False: []}
-    for r in range(args.repeats):
-        for reuse in (True, False) if r % 2 == 0 else (False, True):
-            runs[reuse].append(spawn(args, "jax", reuse=reuse))
+    runs = alternate([True, False], lambda reuse, r: spawn(args, "jax", reuse=reuse), args.repeats)
     step = {k: [statistics.median(run["times"]) for run in rs] for k, rs in runs.items()}
     ratios = [off / on for on, off in zip(step[True], step[False], strict=True)]
     print(

@@ -12,7 +12,8 @@ cost a CPU trainer:
 - XLA:CPU allocates a step's temporaries at every run (1.4 GiB for the 125m bfloat16 step).
   glibc serves a block that size with a fresh ``mmap`` and unmaps it when it is freed, so every
   step faults its temporaries in again page by page, zeroed by the kernel: about 455,000 page
-  faults and 1.2 s of kernel CPU time a step. ``reuse_step_memory`` has the next step reuse the same pages instead.
+  faults and 1.2 s of kernel CPU time a step. ``reuse_step_memory`` has the next step reuse the
+  same pages instead.
 
 Elsewhere than glibc both do nothing.
 """
@@ -30,6 +31,8 @@ import sys
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
+
+_reusing = False  # set once reuse_step_memory has applied its settings in this process
 
 
 @functools.cache
@@ -109,13 +112,11 @@ def reuse_step_memory() -> bool:
     # glibc takes the threshold as a size_t: -1 is the largest, so the heap's top is never trimmed
     # by free() itself.
     libc.mallopt(_M_TRIM_THRESHOLD, -1)
-    _reusing.append(True)
+    global _reusing
+    _reusing = True
     return True
-
-
-_reusing: list[bool] = []  # one entry once reuse_step_memory has applied its settings
 
 
 def reusing_step_memory() -> bool:
     """Whether ``reuse_step_memory`` has applied its settings in this process."""
-    return bool(_reusing)
+    return _reusing
