@@ -61,20 +61,39 @@ def tokens_for(args) -> np.ndarray:
     return np.random.default_rng(0).integers(0, vocab, (args.batch, args.seq_len)).astype(np.int32)
 
 
-def run_steps(step, n: int) -> dict[str, list[float]]:
-    """Seconds, page faults (minor: memory the kernel maps and zeroes) and kernel CPU seconds of
-    each of n steps after one warm-up/compile step; every step's loss."""
+def host_cpu_ticks() -> list[int] | None:
+    """The host's CPU time so far, in ticks, as /proc/stat's first line counts it (user, nice,
+    system, idle, iowait, irq, softirq, steal); None where there is no /proc/stat."""
+    try:
+        with open("/proc/stat") as f:
+            return [int(x) for x in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+
+
+def stolen_share(before: list[int] | None, after: list[int] | None) -> float | None:
+    """The share of the host's CPU time that the hypervisor gave to other machines between two
+    readings (steal): on a shared VM it lengthens a step without any change in the step's work."""
+    if before is None or after is None or sum(after) == sum(before):
+        return None
+    return (after[7] - before[7]) / (sum(after) - sum(before))
+
+
+def run_steps(step, n: int) -> dict[str, list]:
+    """Seconds, page faults (minor: memory the kernel maps and zeroes), kernel CPU seconds and the
+    VM's stolen share of each of n steps after one warm-up/compile step; every step's loss."""
     losses = [step()]
-    times, faults, system = [], [], []
+    times, faults, system, stolen = [], [], [], []
     for _ in range(n):
-        before = resource.getrusage(resource.RUSAGE_SELF)
+        before, ticks = resource.getrusage(resource.RUSAGE_SELF), host_cpu_ticks()
         start = time.perf_counter()
         losses.append(step())
         times.append(time.perf_counter() - start)
         after = resource.getrusage(resource.RUSAGE_SELF)
         faults.append(after.ru_minflt - before.ru_minflt)
         system.append(after.ru_stime - before.ru_stime)
-    return {"times": times, "losses": losses, "faults": faults, "system": system}
+        stolen.append(stolen_share(ticks, host_cpu_ticks()))
+    return {"times": times, "losses": losses, "faults": faults, "system": system, "stolen": stolen}
 
 
 def jax_side(args) -> dict:
@@ -255,6 +274,12 @@ def gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
 
 
+def percent(shares: list[float | None]) -> str:
+    """The median of the steps' stolen shares, as a percentage ("n/a" off Linux)."""
+    known = [s for s in shares if s is not None]
+    return f"{statistics.median(known):.0%}" if known else "n/a"
+
+
 def comparison(args) -> None:
     from benchmarks.forward import cpu_name
     from mpt_jax import MPTConfig, metrics
@@ -267,7 +292,7 @@ def comparison(args) -> None:
         result = spawn(args, side)
         print(
             f"  round {r}: {side:5s} median step {statistics.median(result['times']):.3f} s, "
-            f"peak {gib(result['peak_rss'])}",
+            f"peak {gib(result['peak_rss'])}, stolen {percent(result['stolen'])}",
             file=sys.stderr,
             flush=True,
         )
@@ -288,13 +313,16 @@ def comparison(args) -> None:
         f"{args.model}, {args.dtype}, batch {args.batch} x {args.seq_len}, remat {args.remat}: "
         f"{args.repeats} alternating rounds of {args.steps} steps, each side in its own process"
     )
-    print("| side | tokens/s (median) | MFU | step s (each round) | peak memory | loss after steps |")
-    print("|---|---|---|---|---|---|")
+    print(
+        "| side | tokens/s (median) | MFU | step s (each round) | stolen by the VM | peak memory | loss after steps |"
+    )
+    print("|---|---|---|---|---|---|---|")
     for side, name in (("jax", "mpt-jax"), ("torch", "transformers + torch")):
         each = ", ".join(f"{t:.3f}" for t in step[side])
+        stolen = ", ".join(percent(run["stolen"]) for run in runs[side])
         print(
-            f"| {name} | {rate[side]:,.0f} | {rate[side] * fpt / ceiling:.1%} | {each} | {gib(peak[side])} | "
-            f"{runs[side][0]['losses'][-1]:.4f} |"
+            f"| {name} | {rate[side]:,.0f} | {rate[side] * fpt / ceiling:.1%} | {each} | {stolen} | "
+            f"{gib(peak[side])} | {runs[side][0]['losses'][-1]:.4f} |"
         )
     print(
         f"speed-up (median of rounds' ratios): {statistics.median(ratios):.2f}x "
