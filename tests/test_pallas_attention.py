@@ -552,12 +552,10 @@ def test_triton_lowering_without_gpu(options):
     assert "__gpu$xla.gpu.triton" in text
 
 
-def test_benchmark_smoke(capsys, monkeypatch):
+def test_benchmark_smoke(capsys):
     """benchmarks/attention.py --smoke runs here (tiny shapes, interpret mode) and prints its table."""
-    import importlib
+    from benchmarks import attention as bench
 
-    monkeypatch.syspath_prepend(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    bench = importlib.import_module("benchmarks.attention")
     cells = bench.main(["--smoke"])
     printed = capsys.readouterr().out
     assert "verify pallas vs xla" in printed and "| T | batch | heads | head_dim | pass | pallas | xla |" in printed

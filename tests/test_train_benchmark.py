@@ -1,14 +1,11 @@
 """benchmarks/train_throughput.py's own bookkeeping: the VM's stolen share printed beside each
 round, and the per-step records every table reads."""
 
-import importlib
-import os
 import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
-bench = importlib.import_module("benchmarks.train_throughput")
+from benchmarks import train_throughput as bench
 
 
 def test_stolen_share_is_steal_over_all_ticks():
